@@ -1,0 +1,1 @@
+"""ftlib: fine-tuning research for large language models in JAX / Flax NNX."""

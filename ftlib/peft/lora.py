@@ -1,0 +1,58 @@
+"""LoRA (Hu et al. 2021): y = x W + dropout(x) A B * scale, B zero-initialised.
+
+Surgery wraps every Linear whose module path matches `target_modules`; the
+wrapped layer keeps its base kernel (frozen by the mask) under `base`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftlib.models.layers import Linear, param
+from ftlib.peft.surgery import replace_modules
+
+
+class LoRALinear(nnx.Module):
+  def __init__(self, base: Linear, rank: int, alpha: float, dropout: float, rslora: bool,
+               *, rngs: nnx.Rngs):
+    kernel = base.kernel
+    *lead, d_in, d_out = kernel.shape
+    *lead_axes, in_axis, out_axis = kernel.get_metadata()['logical_axes']
+    dtype = kernel.dtype
+    # HF PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)).
+    bound = 1.0 / math.sqrt(d_in)
+    init_a = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
+    self.base = base
+    self.lora_a = param(rngs, init_a, (*lead, d_in, rank), (*lead_axes, in_axis, 'lora_rank'),
+                        dtype)
+    self.lora_b = param(rngs, nnx.initializers.zeros, (*lead, rank, d_out),
+                        (*lead_axes, 'lora_rank', out_axis), dtype)
+    self.scale = alpha / (math.sqrt(rank) if rslora else rank)
+    self.dropout = dropout
+
+  def __call__(self, x, rng=None):
+    y = self.base(x)
+    if self.dropout > 0 and rng is not None:
+      keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+    dt = self.base.dtype
+    delta = jnp.dot(jnp.dot(x.astype(dt), self.lora_a[...].astype(dt)), self.lora_b[...].astype(dt))
+    return y + delta * self.scale
+
+  def merged_kernel(self):
+    """W + A B * scale: the kernel of an equivalent plain Linear."""
+    return self.base.kernel[...] + self.scale * (self.lora_a[...] @ self.lora_b[...])
+
+
+def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
+  replace_modules(
+      model, cfg.lora.target_modules, Linear,
+      lambda base: LoRALinear(base, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                              cfg.lora.rslora, rngs=rngs))
+
+
+# Only the adapter factors train; anything else the user marks in peft.trainable.
+TRAINABLE_RULES = ((r'.*/lora_(a|b)$', True), (r'.*', False))
