@@ -1,0 +1,19 @@
+"""Pretrained checkpoints in, as HF-convention float32 numpy tensors: GGUF files and HF folders."""
+
+from ftlib.hf.checkpoint_source import (
+    CheckpointError,
+    PretrainedSource,
+    UnsupportedArchitectureError,
+    load_pretrained,
+)
+from ftlib.hf.gguf import load_gguf
+from ftlib.hf.hf_folder import load_hf_folder
+
+__all__ = [
+    "CheckpointError",
+    "PretrainedSource",
+    "UnsupportedArchitectureError",
+    "load_gguf",
+    "load_hf_folder",
+    "load_pretrained",
+]

@@ -1,0 +1,190 @@
+"""Read a llama.cpp GGUF file into HF-convention float32 tensors, config and tokenizer.
+
+GGUF stores what llama.cpp computes with, which differs from HF in three ways undone here:
+tensor names, the row order of Q and K (permuted for interleaved RoPE), and a tokenizer kept
+as raw vocabulary metadata rather than a `tokenizer.json`.
+"""
+
+import pathlib
+import re
+
+import gguf
+import numpy as np
+import tokenizers
+import transformers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from ftlib.hf.checkpoint_source import CheckpointError, PretrainedSource, unsupported
+
+# llama.cpp name -> HF name; `{i}` is the layer index.
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_TOKEN_TYPE_CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: <|im_start|>, <|endoftext|>, ...
+
+# How llama.cpp splits text before BPE, by `tokenizer.ggml.pre`; the merges were learned on
+# pieces split this way, so a different split gives different (worse) token ids.
+_GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZERS = {
+    "gpt2": lambda: _GPT2_SPLIT,
+    "default": lambda: _GPT2_SPLIT,
+    # StarCoder's tokenizer (SmolLM's too) first cuts every digit apart, then GPT-2's regex.
+    **{
+        name: lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), _GPT2_SPLIT]
+        )
+        for name in ("smollm", "starcoder", "refact", "codeshell")
+    },
+    "llama-bpe": lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    ),
+}
+
+
+def load_gguf(path) -> PretrainedSource:
+    """Dequantize every tensor of a llama GGUF file to float32, with HF names and layouts."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueErrors/asserts on a bad file
+        raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise unsupported(arch, f"GGUF file {path}")
+    config = _config(meta, {t.name for t in reader.tensors})
+    tensors = {}
+    for t in reader.tensors:
+        # The reader's array already has numpy (row-major) order, the reverse of GGUF's `shape`,
+        # which is exactly HF's [out, in] for Linear weights and [V, D] for the embedding.
+        # np.array copies, so no tensor keeps the memory-mapped file open.
+        weight = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        name = _hf_name(t.name, path)
+        if name.endswith("q_proj.weight"):
+            weight = unpermute_rope_rows(weight, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
+        tensors[name] = weight
+    return PretrainedSource(hf_config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp convert_hf_to_gguf.py's `permute(w, n_head, n_head_kv)`.
+
+    HF's rotate-half RoPE pairs dimension j with j + head_dim/2 in each head; llama.cpp rotates
+    adjacent pairs (2j, 2j+1), so the converter interleaves the two halves of each head's rows.
+    """
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(name: str, path: pathlib.Path) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    raise CheckpointError(f"GGUF file {path} has tensor {name!r}, which a llama model does not use")
+
+
+def _config(meta: dict, tensor_names: set[str]) -> dict:
+    scaling = meta.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"GGUF RoPE scaling {scaling!r} is not supported")
+    hidden = int(meta["llama.embedding_length"])
+    n_heads = int(meta["llama.attention.head_count"])
+    head_dim = meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count"))
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta["llama.feed_forward_length"]),
+        "num_hidden_layers": int(meta["llama.block_count"]),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", n_heads)),
+        "head_dim": int(head_dim) if head_dim is not None else hidden // n_heads,
+        # GGUF stores float32: its shortest repr turns 9.999999747e-06 back into 1e-05.
+        "rms_norm_eps": float(str(np.float32(meta["llama.attention.layer_norm_rms_epsilon"]))),
+        "rope_theta": float(str(np.float32(meta.get("llama.rope.freq_base", 10000.0)))),
+        "max_position_embeddings": int(meta.get("llama.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id", eos),
+    }
+
+
+def _tokenizer(meta: dict, path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
+    """Rebuild the HF fast tokenizer from `tokenizer.ggml.*` (byte-level BPE only)."""
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise CheckpointError(f"GGUF file {path}: tokenizer {kind!r} unsupported, only 'gpt2' (BPE)")
+    if pre not in _PRE_TOKENIZERS:
+        raise CheckpointError(
+            f"GGUF file {path}: pre-tokenizer {pre!r} unsupported; known: {', '.join(_PRE_TOKENIZERS)}"
+        )
+    tokens = meta["tokenizer.ggml.tokens"]
+    # Tokens are already spelled in GPT-2's byte-to-unicode alphabet ('Ġ' for a space).
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = meta.get("tokenizer.ggml.token_type") or []
+    # Control tokens must match whole, or '<|im_start|>' is split into '<', '|', 'im', ...
+    # They are already in the vocabulary, so adding them keeps their ids.
+    tok.add_special_tokens(
+        [
+            tokenizers.AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _TOKEN_TYPE_CONTROL
+        ]
+    )
+
+    def token(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None else None
+
+    bos = token("bos")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        bos_id = meta["tokenizer.ggml.bos_token_id"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=token("eos"),
+        unk_token=token("unknown"),
+        # No pad token in the file: pad with EOS; padded positions are masked out anyway.
+        pad_token=token("padding") or token("eos"),
+        chat_template=meta.get("tokenizer.chat_template"),
+    )
