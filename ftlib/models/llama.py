@@ -7,7 +7,6 @@ on `blocks` applies to all layers at once.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +223,7 @@ def hf_to_params(cfg: LlamaConfig, tensors: dict[str, np.ndarray]) -> dict[tuple
 def from_pretrained(hf_config: dict, tensors: dict[str, np.ndarray], **overrides) -> Llama:
   """Builds a Llama from HF config + tensors without a wasted random init."""
   cfg = LlamaConfig.from_hf(hf_config, **overrides)
-  model = nnx.eval_shape(functools.partial(Llama, cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   arrays = hf_to_params(cfg, tensors)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if path not in arrays:
