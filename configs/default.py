@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.model.dtype = 'float32'        # compute dtype ('bfloat16' on accelerators)
   c.model.param_dtype = 'float32'  # storage dtype of params
   c.model.scan_layers = True       # lax.scan over layers: compile time independent of depth
+  c.model.scan_unroll = 3          # layers per scan iteration: 3 runs ~1.5x faster on CPU, compiles in ~15 s
   c.model.remat = 'none'           # 'none' | 'full' | 'save_dots': per-block rematerialisation
 
   c.peft = ml_collections.ConfigDict()
@@ -78,6 +79,7 @@ def get_config(arg=None):
   c.data.seq_len = 128             # max tokens per row
   c.data.pad_to_multiple = 16      # pad batches to their longest row, rounded up (0 = seq_len)
   c.data.pack = False              # pack several examples per row (text / prompt_completion)
+  c.data.group_by_length = 16      # batch similar lengths within windows of this many batches (0 = off)
   c.data.split = (0.8, 0.1, 0.1)   # train / val / test by a stable hash of each record
   c.data.split_seed = 0
   c.data.shuffle_seed = 0
@@ -85,8 +87,8 @@ def get_config(arg=None):
   c.data.eval_batch_size = 32
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 25           # steps between val evals
-  c.eval.max_examples = 400   # val subset per eval (0 = all); test always uses all
+  c.eval.every = 50           # steps between val evals
+  c.eval.max_examples = 300   # val subset per eval (0 = all); test always uses all
   c.eval.metric = 'accuracy'  # val metric for best checkpoint / early stopping
   c.eval.mode = 'max'         # 'max' | 'min'
   c.eval.patience = 0         # evals without improvement before stopping; 0 = never
@@ -106,3 +108,9 @@ def get_config(arg=None):
       ('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('mlp', 'tensor'),
       ('heads', 'tensor'), ('kv', 'tensor'), ('norm', None), ('lora_rank', None))
   return c
+
+
+def get_sweep(arg=None):
+  """LoRA rank ablation: `python -m ftlib.sweep --config=configs/default.py --workdir=DIR`."""
+  del arg
+  return [{'peft.lora.rank': r, 'peft.lora.alpha': 2.0 * r} for r in (2, 8, 32)]

@@ -21,6 +21,7 @@ def get_config(arg='full'):
   c.peft.method = arg or 'full'
   c.optim.learning_rate = 3e-3
   c.data.seq_len = 64
+  c.data.pad_to_multiple = 0    # one batch shape: one compile (compute is trivial here)
   c.eval.every = 10
   c.eval.max_examples = 64
   c.eval.metric = 'loss'
@@ -29,3 +30,10 @@ def get_config(arg='full'):
   c.checkpoint.every = 10
   c.checkpoint.async_save = False
   return c
+
+
+def get_sweep(arg=None):
+  """Learning rate x method; `python -m ftlib.sweep --config=configs/tiny.py --workdir=DIR`."""
+  del arg
+  return [{'peft.method': m, 'optim.learning_rate': lr}
+          for m in ('full', 'lora') for lr in (1e-3, 3e-3)]

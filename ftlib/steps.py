@@ -19,25 +19,37 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def next_token_sums(logits_BTV, batch, row_weight_B=None):
+def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0):
   """Sums of masked next-token NLL, correct predictions and target count.
-  Position t predicts input_ids[t+1], weighted by loss_mask[t+1]."""
+
+  Position t predicts input_ids[t+1], weighted by loss_mask[t+1]. With
+  max_targets > 0 only the first max_targets target positions of each row go
+  through the LM head (the caller guarantees no row has more): for short
+  completions such as class labels this skips almost all of the [B,T,V] logits.
+  """
   targets_BT = batch['input_ids'][:, 1:]
   w_BT = batch['loss_mask'][:, 1:].astype(jnp.float32)
+  h_BTD = h_BTD[:, :-1]
+  if max_targets:
+    order_BK = jnp.argsort(-w_BT, axis=1, stable=True)[:, :max_targets]
+    h_BTD = jnp.take_along_axis(h_BTD, order_BK[..., None], axis=1)
+    targets_BT = jnp.take_along_axis(targets_BT, order_BK, axis=1)
+    w_BT = jnp.take_along_axis(w_BT, order_BK, axis=1)
   if row_weight_B is not None:
     w_BT = w_BT * row_weight_B[:, None]
-  logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
+  logits_BTV = model.logits(h_BTD).astype(jnp.float32)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
   correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
   return {'nll': jnp.sum(nll_BT * w_BT), 'correct': jnp.sum(correct_BT * w_BT),
           'tokens': jnp.sum(w_BT)}
 
 
-def _forward(model, batch, rng=None):
-  return model(batch['input_ids'], batch['positions'], batch['segment_ids'], rng=rng)
+def _hidden(model, batch, rng=None):
+  return model.hidden(batch['input_ids'], batch['positions'], batch['segment_ids'], rng=rng)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, dropout_seed: int = 0):
+def make_train_step(graphdef, tx: optax.GradientTransformation, dropout_seed: int = 0,
+                    max_targets: int = 0):
   """(state, frozen, batch) -> (state, metrics). Jit it with the state donated."""
   base_key = jax.random.key(dropout_seed)
 
@@ -46,7 +58,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, dropout_seed: in
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, frozen)
-      sums = next_token_sums(_forward(model, batch, rng), batch)
+      sums = next_token_sums(model, _hidden(model, batch, rng), batch,
+                             max_targets=max_targets)
       return sums['nll'] / jnp.maximum(sums['tokens'], 1.0), sums
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -69,8 +82,8 @@ def make_eval_step(graphdef, choice_token_ids=None):
     model = nnx.merge(graphdef, params, frozen)
     w_B = batch['weight']
     if choice_token_ids is None:
-      return next_token_sums(_forward(model, batch), batch, w_B)
-    h_BTD = model.hidden(batch['input_ids'], batch['positions'], batch['segment_ids'])
+      return next_token_sums(model, _hidden(model, batch), batch, w_B)
+    h_BTD = _hidden(model, batch)
     h_BD = jnp.take_along_axis(h_BTD, batch['choice_pos'][:, None, None], axis=1)
     logp_BV = jax.nn.log_softmax(model.logits(h_BD)[:, 0].astype(jnp.float32), axis=-1)
     logp_BC = logp_BV[:, jnp.asarray(choice_token_ids)]

@@ -65,6 +65,15 @@ class Evaluator:
             'examples' if self.classification else 'tokens': int(total['tokens'])}
 
 
+def _max_targets(task, data_cfg) -> int:
+  """Static bound on loss tokens per row for the LM head gather; 0 (all
+  positions) when rows are packed or targets are most of the sequence."""
+  if data_cfg.pack:
+    return 0
+  most = max(int(e['loss_mask'].sum()) for e in task.examples['train'])
+  return most if most <= data_cfg.seq_len // 4 else 0
+
+
 def _improved(value, best, mode) -> bool:
   return best is None or (value > best if mode == 'max' else value < best)
 
@@ -79,7 +88,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = time.time()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(config.sharding_rules)
 
@@ -98,13 +106,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   print(f'mesh: {dict(mesh.shape)}\nparam shardings:\n{sharding.summary(state_sh.params)}')
   state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
   train_step = jax.jit(
-      make_train_step(graphdef, tx, config.seed), donate_argnums=0,
+      make_train_step(graphdef, tx, config.seed, _max_targets(task, config.data)),
+      donate_argnums=0,
       in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)))
   evaluate = Evaluator(task, graphdef, state_sh.params, frozen_sh, mesh,
                        config.data.eval_batch_size)
 
-  logger = MetricsLogger(workdir)
   ckpt = Checkpointer(workdir, config.checkpoint)
   train_iter = task.train_iterator(config.data.batch_size)
   meta = {'best': None, 'best_step': 0, 'bad_evals': 0, 'zero_shot': None, 'stopped': ''}
@@ -114,6 +122,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_iter.set_state(data_state)
     _truncate_metrics(workdir, int(state.step))
     print(f'resumed from step {int(state.step)} in {workdir}')
+  save_config(config, workdir)  # after the compatibility check: a refused run overwrites nothing
+  logger = MetricsLogger(workdir)
 
   metric, mode = config.eval.metric, config.eval.mode
   if config.eval.zero_shot and meta['zero_shot'] is None:

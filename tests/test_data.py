@@ -333,8 +333,12 @@ def test_eval_batches_filler_and_order(tok, tmp_path):
     assert weights.dtype == np.float32 and weights.sum() == n and (weights[:n] == 1).all()
     last = batches[-1]
     assert not last["segment_ids"][weights[-8:] == 0].any()
+    # Batches hold the examples sorted by length (stable): little padding per batch.
+    by_length = sorted(task.examples["val"], key=lambda e: len(e["input_ids"]))
     labels = np.concatenate([b["label"] for b in batches])[:n]
-    np.testing.assert_array_equal(labels, [e["label"] for e in task.examples["val"]])
+    np.testing.assert_array_equal(labels, [e["label"] for e in by_length])
+    lengths = [int((b["segment_ids"] > 0).sum(1).max()) for b in batches]
+    assert lengths == sorted(lengths)
     again = list(task.eval_batches("val", 8))
     for a, b in zip(batches, again):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])

@@ -35,16 +35,18 @@ class Task:
     pad_to_multiple: int
     pack: bool
     shuffle_seed: int
+    group_by_length: int = 0
 
     def train_iterator(self, batch_size: int):
         """Infinite shuffled training batches; iterator.get_state() is JSON-serialisable."""
         return pipeline.train_iterator(
             self.examples["train"], batch_size, seed=self.shuffle_seed, pack=self.pack,
             pad_id=self.pad_id, seq_len=self.seq_len, pad_to_multiple=self.pad_to_multiple,
+            group_by_length=self.group_by_length,
         )
 
     def eval_batches(self, split: str, batch_size: int, max_examples: int = 0):
-        """Finite batches of `split` in a fixed order, with `weight` (0 = filler row).
+        """Finite batches of `split`, length-sorted, with `weight` (0 = filler row).
 
         max_examples > 0 evaluates a fixed random subset of that size (not the first rows,
         whose order may follow the source's sorting), kept in the split's order.
@@ -90,4 +92,5 @@ def load_task(data_cfg, tokenizer) -> Task:
         pad_to_multiple=data_cfg.pad_to_multiple,
         pack=data_cfg.pack,
         shuffle_seed=data_cfg.shuffle_seed,
+        group_by_length=data_cfg.get("group_by_length", 0),
     )

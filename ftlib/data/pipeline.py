@@ -63,17 +63,54 @@ def collate(rows: list[dict], *, pad_id: int, seq_len: int, pad_to_multiple: int
     return batch
 
 
+def length_grouped_order(lengths: np.ndarray, batch_size: int, window: int, seed: int,
+                         epoch: int) -> np.ndarray:
+    """Example indices of one epoch's batches, int[n_batches, batch_size].
+
+    A seeded permutation is cut into windows of `window` batches; each window is sorted by
+    length (stable) and cut into batches, and the batch order is shuffled again. Batches
+    then hold examples of similar length (little padding) while every epoch still sees
+    each example once, except the len % batch_size remainder left out of this epoch.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n_batches = len(lengths) // batch_size
+    perm = rng.permutation(len(lengths))[: n_batches * batch_size]
+    span = batch_size * window
+    windows = [w[np.argsort(lengths[w], kind="stable")] for w in np.split(perm, range(span, len(perm), span))]
+    batches = np.concatenate(windows).reshape(n_batches, batch_size)
+    return batches[rng.permutation(n_batches)]
+
+
+def _grouped_iterator(examples, batch_size, window, seed, to_batch):
+    lengths = np.array([len(e["input_ids"]) for e in examples])
+    per_epoch = len(examples) // batch_size
+    order = functools.lru_cache(maxsize=2)(
+        lambda epoch: length_grouped_order(lengths, batch_size, window, seed, epoch)
+    )
+
+    def batch(i):
+        return to_batch([as_row(examples[j]) for j in order(i // per_epoch)[i % per_epoch]])
+
+    # An index dataset: the iterator state is the batch index, so resume is exact.
+    return iter(grain.MapDataset.range(1 << 50).map(batch).to_iter_dataset(_READ_OPTIONS))
+
+
 def train_iterator(examples: list[dict], batch_size: int, *, seed: int, pack: bool,
-                   pad_id: int, seq_len: int, pad_to_multiple: int) -> grain.DatasetIterator:
+                   pad_id: int, seq_len: int, pad_to_multiple: int,
+                   group_by_length: int = 0) -> grain.DatasetIterator:
     """An infinite iterator of training batches with get_state() / set_state().
 
     Each epoch is a fresh permutation (grain seeds the shuffle of epoch e with seed + e), and
     batches run across epoch boundaries. The state is a small dict of ints, JSON-safe.
+    group_by_length > 0 (unpacked only) batches similar lengths together within windows of
+    that many batches (see length_grouped_order).
     """
     ds = grain.MapDataset.source(examples).shuffle(seed).repeat()
     to_batch = functools.partial(
         collate, pad_id=pad_id, seq_len=seq_len, pad_to_multiple=pad_to_multiple
     )
+    if group_by_length and not pack:
+        return _grouped_iterator(examples, batch_size, group_by_length, seed, to_batch)
     if not pack:
         ds = ds.map(as_row).batch(batch_size, batch_fn=to_batch)
         return iter(ds.to_iter_dataset(_READ_OPTIONS))
@@ -91,7 +128,12 @@ def train_iterator(examples: list[dict], batch_size: int, *, seed: int, pack: bo
 
 def eval_batches(examples: list[dict], batch_size: int, *, pad_id: int, seq_len: int,
                  pad_to_multiple: int):
-    """Finite batches in the examples' order; the last is filled up to batch_size rows."""
+    """Finite batches of length-sorted examples; the last is filled up to batch_size rows.
+
+    Sorting (stable, so deterministic) keeps each batch's padding small: eval cost follows
+    the real token count. Callers sum metrics over rows, so the order does not matter.
+    """
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     for start in range(0, len(examples), batch_size):
         rows = [as_row(e) for e in examples[start : start + batch_size]]
         yield collate(rows, pad_id=pad_id, seq_len=seq_len, pad_to_multiple=pad_to_multiple,

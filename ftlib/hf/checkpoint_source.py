@@ -38,8 +38,11 @@ class PretrainedSource:
     tokenizer: transformers.PreTrainedTokenizerFast
 
 
-def load_pretrained(spec: str) -> PretrainedSource:
-    """Load an HF checkpoint folder, a `.gguf` file, or a shipped asset name (see ftlib.assets)."""
+def load_pretrained(spec: str, weights: bool = True) -> PretrainedSource:
+    """Load an HF checkpoint folder, a `.gguf` file, or a shipped asset name (see ftlib.assets).
+
+    weights=False loads config and tokenizer only (empty `tensors`).
+    """
     # Imported here: each loader pulls in its own format library, and assets may fetch.
     from ftlib import assets
     from ftlib.hf.gguf import load_gguf
@@ -54,7 +57,7 @@ def load_pretrained(spec: str) -> PretrainedSource:
             f"assets {', '.join(sorted(assets.ASSETS))}"
         )
     if path.is_dir():
-        return load_hf_folder(path)
+        return load_hf_folder(path, weights)
     if path.suffix == ".gguf":
-        return load_gguf(path)
+        return load_gguf(path, weights)
     raise CheckpointError(f"{path} is neither an HF checkpoint folder nor a .gguf file")

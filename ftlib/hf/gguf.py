@@ -61,8 +61,11 @@ _PRE_TOKENIZERS = {
 }
 
 
-def load_gguf(path) -> PretrainedSource:
-    """Dequantize every tensor of a llama GGUF file to float32, with HF names and layouts."""
+def load_gguf(path, weights: bool = True) -> PretrainedSource:
+    """Dequantize every tensor of a llama GGUF file to float32, with HF names and layouts.
+
+    weights=False skips the dequantization (tokenizer and config only).
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
@@ -76,7 +79,7 @@ def load_gguf(path) -> PretrainedSource:
         raise unsupported(arch, f"GGUF file {path}")
     config = _config(meta, {t.name for t in reader.tensors})
     tensors = {}
-    for t in reader.tensors:
+    for t in reader.tensors if weights else ():
         # The reader's array already has numpy (row-major) order, the reverse of GGUF's `shape`,
         # which is exactly HF's [out, in] for Linear weights and [V, D] for the embedding.
         # np.array copies, so no tensor keeps the memory-mapped file open.

@@ -17,8 +17,11 @@ from ftlib.hf.checkpoint_source import (
 )
 
 
-def load_hf_folder(path) -> PretrainedSource:
-    """Float weights as stored (HF names, cast to float32), `config.json` as a dict, and the folder's tokenizer."""
+def load_hf_folder(path, weights: bool = True) -> PretrainedSource:
+    """Float weights as stored (HF names, cast to float32), `config.json` as a dict, and the folder's tokenizer.
+
+    weights=False skips reading the tensors (tokenizer and config only).
+    """
     path = pathlib.Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
@@ -29,7 +32,7 @@ def load_hf_folder(path) -> PretrainedSource:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise unsupported(arch, f"checkpoint folder {path}")
     tensors = {}
-    for shard in _weight_files(path):
+    for shard in _weight_files(path) if weights else ():
         # safetensors only: a .bin checkpoint is a pickle and can run code when loaded.
         for name, array in load_file(shard).items():
             # Integer entries are buffers, not weights (BERT's `position_ids` is an arange).

@@ -12,7 +12,7 @@ from ftlib.models.llama import Llama, LlamaConfig, from_pretrained
 # config.model fields that describe a random-init architecture.
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(LlamaConfig))
 # Execution knobs that also apply to pretrained models.
-RUNTIME_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat')
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'scan_unroll', 'remat')
 
 
 def build_model(model_cfg, seed: int):
@@ -29,7 +29,7 @@ def build_model(model_cfg, seed: int):
     return from_pretrained(source.hf_config, source.tensors, **runtime), source.tokenizer
   if not model_cfg.tokenizer:
     raise FtlibError('config.model: set checkpoint (pretrained) or tokenizer (random init)')
-  tokenizer = load_pretrained(model_cfg.tokenizer).tokenizer
+  tokenizer = load_pretrained(model_cfg.tokenizer, weights=False).tokenizer
   fields = {k: model_cfg[k] for k in ARCH_FIELDS if k in model_cfg}
   fields['vocab_size'] = fields.get('vocab_size') or len(tokenizer)
   fields['head_dim'] = fields.get('head_dim') or fields['hidden_size'] // fields['num_heads']

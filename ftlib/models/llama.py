@@ -39,6 +39,7 @@ class LlamaConfig:
   dtype: str = 'float32'         # compute dtype
   param_dtype: str = 'float32'
   scan_layers: bool = True       # lax.scan over blocks (False: a Python loop, same params)
+  scan_unroll: int = 1           # layers per scan iteration (more: faster steps, longer compile)
   remat: str = 'none'            # one of REMAT_POLICIES
 
   @classmethod
@@ -162,7 +163,7 @@ class Llama(nnx.Module):
     if self.cfg.remat != 'none':
       body = jax.checkpoint(body, policy=policy)
     if self.cfg.scan_layers:
-      return jax.lax.scan(body, h, (state, keys))[0]
+      return jax.lax.scan(body, h, (state, keys), unroll=self.cfg.scan_unroll)[0]
     for i in range(L):
       layer = jax.tree.map(lambda x: x[i], (state, keys))
       h = body(h, layer)[0]

@@ -26,7 +26,9 @@ class LoRALinear(nnx.Module):
     bound = 1.0 / math.sqrt(d_in)
     init_a = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
     self.base = base
-    self.lora_a = param(rngs, init_a, (*lead, d_in, rank), (*lead_axes, in_axis, 'lora_rank'),
+    # A is [rank, d_in] (PEFT's lora_A layout): its gradient (g^T x) then reads the
+    # activations x in their natural layout; [d_in, rank] made XLA:CPU transpose x.
+    self.lora_a = param(rngs, init_a, (*lead, rank, d_in), (*lead_axes, 'lora_rank', in_axis),
                         dtype)
     self.lora_b = param(rngs, nnx.initializers.zeros, (*lead, rank, d_out),
                         (*lead_axes, 'lora_rank', out_axis), dtype)
@@ -39,12 +41,14 @@ class LoRALinear(nnx.Module):
       keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
     dt = self.base.dtype
-    delta = jnp.dot(jnp.dot(x.astype(dt), self.lora_a[...].astype(dt)), self.lora_b[...].astype(dt))
-    return y + delta * self.scale
+    # Scale the rank-r intermediate, not the d_out-wide output: one small multiply.
+    h = jnp.einsum('...d,rd->...r', x.astype(dt), self.lora_a[...].astype(dt)) * self.scale
+    return y + jnp.dot(h, self.lora_b[...].astype(dt))
 
   def merged_kernel(self):
-    """W + A B * scale: the kernel of an equivalent plain Linear."""
-    return self.base.kernel[...] + self.scale * (self.lora_a[...] @ self.lora_b[...])
+    """W + scale A^T B: the kernel of an equivalent plain Linear."""
+    return self.base.kernel[...] + self.scale * (jnp.swapaxes(self.lora_a[...], -1, -2)
+                                                 @ self.lora_b[...])
 
 
 def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:

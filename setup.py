@@ -1,0 +1,28 @@
+"""ftlib: fine-tuning research for large language models in JAX / Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name='ftlib',
+    version='0.1.0',
+    description='Parameter-efficient fine-tuning of LLMs in JAX / Flax NNX',
+    packages=find_packages(include=['ftlib', 'ftlib.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.10,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12,<0.13',
+        'grain>=0.2.18',
+        'tensorflow-datasets>=4.9.10',
+        'ml_collections>=1.1',
+        'absl-py',
+        'numpy',
+        'transformers>=5,<6',
+        'tokenizers',
+        'safetensors',
+        'gguf>=0.19',
+        'tqdm',
+        'tensorboardX',
+    ],
+    extras_require={'test': ['pytest>=8']},
+)
