@@ -14,7 +14,7 @@ def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
   c.seed = 0                  # model init (random init / adapters), dropout
-  c.max_steps = 100           # optimizer steps
+  c.max_steps = 80            # optimizer steps
   c.log_every = 10            # train metrics interval (one host sync per interval)
 
   c.model = ml_collections.ConfigDict()
@@ -87,15 +87,15 @@ def get_config(arg=None):
   c.data.eval_batch_size = 32
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 50           # steps between val evals
-  c.eval.max_examples = 300   # val subset per eval (0 = all); test always uses all
+  c.eval.every = 40           # steps between val evals
+  c.eval.max_examples = 200   # val subset per eval (0 = all); test always uses all
   c.eval.metric = 'accuracy'  # val metric for best checkpoint / early stopping
   c.eval.mode = 'max'         # 'max' | 'min'
   c.eval.patience = 0         # evals without improvement before stopping; 0 = never
   c.eval.zero_shot = True     # evaluate the untrained model on test first
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 50     # steps between resumable checkpoints
+  c.checkpoint.every = 40     # steps between resumable checkpoints
   c.checkpoint.keep = 2       # resumable checkpoints kept (plus the best params)
   c.checkpoint.async_save = True
 

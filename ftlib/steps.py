@@ -89,7 +89,9 @@ def make_eval_step(graphdef, choice_token_ids=None):
     logp_BC = logp_BV[:, jnp.asarray(choice_token_ids)]
     gold_nll_B = -jnp.take_along_axis(logp_BC, batch['label'][:, None], axis=1)[:, 0]
     correct_B = jnp.argmax(logp_BC, axis=-1) == batch['label']
+    gold_token_B = jnp.asarray(choice_token_ids)[batch['label']]
+    token_correct_B = jnp.argmax(logp_BV, axis=-1) == gold_token_B  # over the whole vocab
     return {'nll': jnp.sum(gold_nll_B * w_B), 'correct': jnp.sum(correct_B * w_B),
-            'tokens': jnp.sum(w_B)}
+            'token_correct': jnp.sum(token_correct_B * w_B), 'tokens': jnp.sum(w_B)}
 
   return eval_step

@@ -58,11 +58,13 @@ class Evaluator:
     for batch in self.task.eval_batches(split, self.batch_size, max_examples):
       sums.append(self.step(params, frozen, sharding.put_batch(batch, self.mesh)))
     total = {k: float(sum(s[k] for s in jax.device_get(sums))) for k in sums[0]}
-    loss = total['nll'] / max(total['tokens'], 1.0)
-    acc_name = 'accuracy' if self.classification else 'token_accuracy'
-    return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
-            acc_name: total['correct'] / max(total['tokens'], 1.0),
-            'examples' if self.classification else 'tokens': int(total['tokens'])}
+    n = max(total['tokens'], 1.0)
+    loss = total['nll'] / n
+    metrics = {'loss': loss, 'perplexity': math.exp(min(loss, 50.0))}
+    if self.classification:  # label-word likelihood; token_accuracy over the whole vocab
+      return {**metrics, 'accuracy': total['correct'] / n,
+              'token_accuracy': total['token_correct'] / n, 'examples': int(total['tokens'])}
+    return {**metrics, 'token_accuracy': total['correct'] / n, 'tokens': int(total['tokens'])}
 
 
 def _max_targets(task, data_cfg) -> int:
@@ -74,13 +76,49 @@ def _max_targets(task, data_cfg) -> int:
   return most if most <= data_cfg.seq_len // 4 else 0
 
 
-def _improved(value, best, mode) -> bool:
-  return best is None or (value > best if mode == 'max' else value < best)
+class _TrainWindow:
+  """Train metrics of the steps since the last log: one host sync per log
+  interval, never per step (the device runs ahead of the Python loop)."""
+
+  def __init__(self, logger):
+    self.logger = logger
+    self.restart()
+
+  def restart(self):
+    self.metrics, self.tokens, self.since = [], 0, time.time()
+
+  def add(self, step_metrics, tokens: int):
+    self.metrics.append(step_metrics)
+    self.tokens += tokens
+
+  def flush(self, step: int) -> dict:
+    values = jax.device_get(self.metrics)
+    logged = {k: float(np.mean([v[k] for v in values]))
+              for k in ('loss', 'grad_norm', 'token_accuracy')}
+    logged['tokens_per_s'] = self.tokens / max(time.time() - self.since, 1e-9)
+    self.logger.write(step, 'train', **logged)
+    self.restart()
+    return {'loss': f'{logged["loss"]:.4f}', 'tok_s': f'{logged["tokens_per_s"]:.0f}'}
+
+
+def _track_best(meta: dict, val: dict, step: int, eval_cfg, save_best) -> None:
+  """Best-checkpoint and early-stopping bookkeeping in `meta` (checkpointed)."""
+  value, best = val[eval_cfg.metric], meta['best']
+  if best is None or (value > best if eval_cfg.mode == 'max' else value < best):
+    meta.update(best=value, best_step=step, bad_evals=0)
+    save_best()
+    return
+  meta['bad_evals'] += 1
+  if eval_cfg.patience and meta['bad_evals'] >= eval_cfg.patience:
+    meta['stopped'] = (f'early stop at step {step}: no val {eval_cfg.metric} gain in '
+                       f'{meta["bad_evals"]} evals')
 
 
 def _truncate_metrics(workdir: pathlib.Path, step: int):
-  """On resume, drop records logged after the checkpoint: they are recomputed."""
-  records = [r for r in read_metrics(workdir) if r['step'] <= step]
+  """On resume, drop records logged after the checkpoint and the final test
+  record: the resumed run writes them again."""
+  records = [r for r in read_metrics(workdir)
+             if r['step'] <= step and r.get('event') != 'final']
   (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
 
 
@@ -125,50 +163,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
   save_config(config, workdir)  # after the compatibility check: a refused run overwrites nothing
   logger = MetricsLogger(workdir)
 
-  metric, mode = config.eval.metric, config.eval.mode
   if config.eval.zero_shot and meta['zero_shot'] is None:
     meta['zero_shot'] = evaluate(state.params, frozen, 'test')
     logger.write(0, 'test', event='zero_shot', **meta['zero_shot'])
 
   step = int(state.step)
-  pending, last_log = [], time.time()
+  window = _TrainWindow(logger)
   with _StopSignal() as stop, tqdm(total=config.max_steps, initial=step, desc='train',
                                    disable=jax.process_index() != 0) as bar:
     while step < config.max_steps and not meta['stopped']:
       batch = next(train_iter)
       state, step_metrics = train_step(state, frozen, sharding.put_batch(batch, mesh))
       step += 1
-      pending.append((step_metrics, int((batch['segment_ids'] > 0).sum())))
+      window.add(step_metrics, int((batch['segment_ids'] > 0).sum()))
       if step % config.log_every == 0 or step == config.max_steps:
-        # One host sync per log interval, not per step.
-        values = jax.device_get([m for m, _ in pending])
-        tokens = sum(n for _, n in pending)
-        now = time.time()
-        logged = {k: float(np.mean([v[k] for v in values])) for k in ('loss', 'grad_norm',
-                                                                      'token_accuracy')}
-        logged['tokens_per_s'] = tokens / max(now - last_log, 1e-9)
-        logger.write(step, 'train', **logged)
-        bar.set_postfix(loss=f'{logged["loss"]:.4f}', tok_s=f'{logged["tokens_per_s"]:.0f}')
-        pending, last_log = [], now
+        bar.set_postfix(window.flush(step))
       bar.update(1)
-
       if step % config.eval.every == 0 or step == config.max_steps:
         val = evaluate(state.params, frozen, 'val', config.eval.max_examples)
         logger.write(step, 'val', **val)
-        if _improved(val[metric], meta['best'], mode):
-          meta.update(best=val[metric], best_step=step, bad_evals=0)
-          ckpt.save_best(step, state.params, {'step': step, metric: val[metric]})
-        else:
-          meta['bad_evals'] += 1
-          if config.eval.patience and meta['bad_evals'] >= config.eval.patience:
-            meta['stopped'] = f'early stop at step {step}: no val {metric} gain in ' \
-                              f'{meta["bad_evals"]} evals'
-        last_log = time.time()  # eval time is not training throughput
+        _track_best(meta, val, step, config.eval, lambda: ckpt.save_best(
+            step, state.params, {'step': step, config.eval.metric: val[config.eval.metric]}))
+        window.restart()  # eval time is not training throughput
       if step % config.checkpoint.every == 0 or stop.requested or meta['stopped']:
         ckpt.save(step, state, train_iter.get_state(), meta, force=True)
       if stop.requested:
         ckpt.wait()
         ckpt.close()
+        logger.close()
         raise SystemExit(f'SIGTERM: saved step {step} to {workdir}; rerun to resume')
   ckpt.save(step, state, train_iter.get_state(), meta, force=True)
 

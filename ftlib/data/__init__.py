@@ -92,5 +92,5 @@ def load_task(data_cfg, tokenizer) -> Task:
         pad_to_multiple=data_cfg.pad_to_multiple,
         pack=data_cfg.pack,
         shuffle_seed=data_cfg.shuffle_seed,
-        group_by_length=data_cfg.get("group_by_length", 0),
+        group_by_length=data_cfg.group_by_length,
     )
