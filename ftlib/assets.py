@@ -205,7 +205,9 @@ def _copy_members(archive: pathlib.Path, path: str, dest: pathlib.Path) -> None:
         else:
             chosen = {"": path} if path in entries else {}
         if not chosen:
-            raise AssetError(f"{path!r} is not in {archive.name}; the pinned archive changed layout")
+            raise AssetError(
+                f"{path!r} is not in {archive.name}; the pinned archive changed layout"
+            )
         for rel, name in chosen.items():
             # Never let a crafted member name write outside the asset folder.
             if rel.startswith("/") or ".." in pathlib.PurePosixPath(rel).parts:

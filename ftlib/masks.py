@@ -7,6 +7,7 @@ rule covers is an error naming it. The mask is an ordinary, printable mapping;
 into trainable and frozen states (gradients and optimizer state exist only for
 the trainable one).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,52 +19,55 @@ from ftlib.errors import FtlibError
 
 
 def path_str(path) -> str:
-  return '/'.join(str(p) for p in path)
+    return "/".join(str(p) for p in path)
 
 
 @dataclasses.dataclass(frozen=True)
 class Mask:
-  trainable: dict[str, bool]          # param path -> trainable, in model order
-  shapes: dict[str, tuple[int, ...]]  # param path -> shape
+    trainable: dict[str, bool]  # param path -> trainable, in model order
+    shapes: dict[str, tuple[int, ...]]  # param path -> shape
 
-  def filter(self, path, _value=None) -> bool:
-    """nnx filter: True for trainable params."""
-    return self.trainable.get(path_str(path), False)
+    def filter(self, path, _value=None) -> bool:
+        """nnx filter: True for trainable params."""
+        return self.trainable.get(path_str(path), False)
 
-  def count(self, trainable: bool | None = None) -> int:
-    return sum(_size(s) for p, s in self.shapes.items()
-               if trainable is None or self.trainable[p] == trainable)
+    def count(self, trainable: bool | None = None) -> int:
+        return sum(
+            _size(s)
+            for p, s in self.shapes.items()
+            if trainable is None or self.trainable[p] == trainable
+        )
 
-  def table(self) -> str:
-    """Trainable paths with shapes and counts, then totals."""
-    rows = [(p, self.shapes[p]) for p, t in self.trainable.items() if t]
-    width = max([len(p) for p, _ in rows] + [10])
-    lines = [f'{"trainable param":<{width}}  {"shape":<20} {"count":>12}']
-    lines += [f'{p:<{width}}  {str(s):<20} {_size(s):>12,}' for p, s in rows]
-    n, total = self.count(True), self.count()
-    lines.append(f'trainable {n:,} / total {total:,} params ({100 * n / max(total, 1):.3f}%)')
-    return '\n'.join(lines)
+    def table(self) -> str:
+        """Trainable paths with shapes and counts, then totals."""
+        rows = [(p, self.shapes[p]) for p, t in self.trainable.items() if t]
+        width = max([len(p) for p, _ in rows] + [10])
+        lines = [f"{'trainable param':<{width}}  {'shape':<20} {'count':>12}"]
+        lines += [f"{p:<{width}}  {str(s):<20} {_size(s):>12,}" for p, s in rows]
+        n, total = self.count(True), self.count()
+        lines.append(f"trainable {n:,} / total {total:,} params ({100 * n / max(total, 1):.3f}%)")
+        return "\n".join(lines)
 
 
 def _size(shape) -> int:
-  n = 1
-  for d in shape:
-    n *= d
-  return n
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def build_mask(model: nnx.Module, rules) -> Mask:
-  compiled = [(re.compile(r), t) for r, t in rules]
-  trainable, shapes = {}, {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name = path_str(path)
-    for regex, t in compiled:
-      if regex.fullmatch(name):
-        trainable[name] = t
-        break
-    else:
-      raise FtlibError(f'no trainable/freeze rule covers param {name}; add a catch-all rule')
-    shapes[name] = tuple(var.shape)
-  if not any(trainable.values()):
-    raise FtlibError('the mask freezes every param: nothing would train; check peft.freeze')
-  return Mask(trainable, shapes)
+    compiled = [(re.compile(r), t) for r, t in rules]
+    trainable, shapes = {}, {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path_str(path)
+        for regex, t in compiled:
+            if regex.fullmatch(name):
+                trainable[name] = t
+                break
+        else:
+            raise FtlibError(f"no trainable/freeze rule covers param {name}; add a catch-all rule")
+        shapes[name] = tuple(var.shape)
+    if not any(trainable.values()):
+        raise FtlibError("the mask freezes every param: nothing would train; check peft.freeze")
+    return Mask(trainable, shapes)

@@ -1,5 +1,6 @@
 """Run logging: DIR/metrics.jsonl (one JSON object per event), TensorBoard
 event files in DIR, and the resolved config as DIR/config.json."""
+
 from __future__ import annotations
 
 import json
@@ -11,44 +12,43 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsLogger:
-  """Writes only on process 0 so multi-host runs log once."""
+    """Writes only on process 0 so multi-host runs log once."""
 
-  def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
-    self.path = pathlib.Path(workdir) / 'metrics.jsonl'
-    self.tb = SummaryWriter(str(workdir)) if self.active else None
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.tb = SummaryWriter(str(workdir)) if self.active else None
 
-  def write(self, step: int, split: str, **metrics):
-    record = {'step': int(step), 'split': split,
-              **{k: _plain(v) for k, v in metrics.items()}}
-    if not self.active:
-      return record
-    with self.path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
-    for k, v in record.items():
-      if k not in ('step', 'split') and isinstance(v, (int, float)) and math.isfinite(v):
-        self.tb.add_scalar(f'{split}/{k}', v, int(step))
-    self.tb.flush()
-    return record
+    def write(self, step: int, split: str, **metrics):
+        record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        if not self.active:
+            return record
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"{split}/{k}", v, int(step))
+        self.tb.flush()
+        return record
 
-  def close(self):
-    if self.tb:
-      self.tb.close()
+    def close(self):
+        if self.tb:
+            self.tb.close()
 
 
 def _plain(v):
-  if hasattr(v, 'item'):
-    v = v.item()
-  return v
+    if hasattr(v, "item"):
+        v = v.item()
+    return v
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def save_config(config, workdir: str):
-  if jax.process_index() == 0:
-    (pathlib.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -4,6 +4,7 @@ State is explicit: `TrainState` holds the trainable params and their optimizer
 state; frozen params travel separately and are never differentiated, so
 gradient work and optimizer memory scale with the trainable count only.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,84 +15,98 @@ from flax import nnx, struct
 
 @struct.dataclass
 class TrainState:
-  step: jax.Array
-  params: nnx.State       # trainable params only
-  opt_state: optax.OptState
+    step: jax.Array
+    params: nnx.State  # trainable params only
+    opt_state: optax.OptState
 
 
 def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0):
-  """Sums of masked next-token NLL, correct predictions and target count.
+    """Sums of masked next-token NLL, correct predictions and target count.
 
-  Position t predicts input_ids[t+1], weighted by loss_mask[t+1]. With
-  max_targets > 0 only the first max_targets target positions of each row go
-  through the LM head (the caller guarantees no row has more): for short
-  completions such as class labels this skips almost all of the [B,T,V] logits.
-  """
-  targets_BT = batch['input_ids'][:, 1:]
-  w_BT = batch['loss_mask'][:, 1:].astype(jnp.float32)
-  h_BTD = h_BTD[:, :-1]
-  if max_targets:
-    order_BK = jnp.argsort(-w_BT, axis=1, stable=True)[:, :max_targets]
-    h_BTD = jnp.take_along_axis(h_BTD, order_BK[..., None], axis=1)
-    targets_BT = jnp.take_along_axis(targets_BT, order_BK, axis=1)
-    w_BT = jnp.take_along_axis(w_BT, order_BK, axis=1)
-  if row_weight_B is not None:
-    w_BT = w_BT * row_weight_B[:, None]
-  logits_BTV = model.logits(h_BTD).astype(jnp.float32)
-  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-  correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-  return {'nll': jnp.sum(nll_BT * w_BT), 'correct': jnp.sum(correct_BT * w_BT),
-          'tokens': jnp.sum(w_BT)}
+    Position t predicts input_ids[t+1], weighted by loss_mask[t+1]. With
+    max_targets > 0 only the first max_targets target positions of each row go
+    through the LM head (the caller guarantees no row has more): for short
+    completions such as class labels this skips almost all of the [B,T,V] logits.
+    """
+    targets_BT = batch["input_ids"][:, 1:]
+    w_BT = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    h_BTD = h_BTD[:, :-1]
+    if max_targets:
+        order_BK = jnp.argsort(-w_BT, axis=1, stable=True)[:, :max_targets]
+        h_BTD = jnp.take_along_axis(h_BTD, order_BK[..., None], axis=1)
+        targets_BT = jnp.take_along_axis(targets_BT, order_BK, axis=1)
+        w_BT = jnp.take_along_axis(w_BT, order_BK, axis=1)
+    if row_weight_B is not None:
+        w_BT = w_BT * row_weight_B[:, None]
+    logits_BTV = model.logits(h_BTD).astype(jnp.float32)
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return {
+        "nll": jnp.sum(nll_BT * w_BT),
+        "correct": jnp.sum(correct_BT * w_BT),
+        "tokens": jnp.sum(w_BT),
+    }
 
 
 def _hidden(model, batch, rng=None):
-  return model.hidden(batch['input_ids'], batch['positions'], batch['segment_ids'], rng=rng)
+    return model.hidden(batch["input_ids"], batch["positions"], batch["segment_ids"], rng=rng)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, dropout_seed: int = 0,
-                    max_targets: int = 0):
-  """(state, frozen, batch) -> (state, metrics). Jit it with the state donated."""
-  base_key = jax.random.key(dropout_seed)
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, dropout_seed: int = 0, max_targets: int = 0
+):
+    """(state, frozen, batch) -> (state, metrics). Jit it with the state donated."""
+    base_key = jax.random.key(dropout_seed)
 
-  def train_step(state: TrainState, frozen: nnx.State, batch):
-    rng = jax.random.fold_in(base_key, state.step)
+    def train_step(state: TrainState, frozen: nnx.State, batch):
+        rng = jax.random.fold_in(base_key, state.step)
 
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, frozen)
-      sums = next_token_sums(model, _hidden(model, batch, rng), batch,
-                             max_targets=max_targets)
-      return sums['nll'] / jnp.maximum(sums['tokens'], 1.0), sums
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, frozen)
+            sums = next_token_sums(
+                model, _hidden(model, batch, rng), batch, max_targets=max_targets
+            )
+            return sums["nll"] / jnp.maximum(sums["tokens"], 1.0), sums
 
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'tokens': sums['tokens'],
-               'token_accuracy': sums['correct'] / jnp.maximum(sums['tokens'], 1.0)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "tokens": sums["tokens"],
+            "token_accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
 
-  return train_step
+    return train_step
 
 
 def make_eval_step(graphdef, choice_token_ids=None):
-  """(params, frozen, batch) -> metric sums over the batch's real rows.
+    """(params, frozen, batch) -> metric sums over the batch's real rows.
 
-  Classification (choice_token_ids given): the next-token distribution at
-  `choice_pos` scores each label word; `nll` is the gold label word's NLL.
-  Otherwise: masked next-token NLL / accuracy over all completion tokens."""
-  def eval_step(params, frozen, batch):
-    model = nnx.merge(graphdef, params, frozen)
-    w_B = batch['weight']
-    if choice_token_ids is None:
-      return next_token_sums(model, _hidden(model, batch), batch, w_B)
-    h_BTD = _hidden(model, batch)
-    h_BD = jnp.take_along_axis(h_BTD, batch['choice_pos'][:, None, None], axis=1)
-    logp_BV = jax.nn.log_softmax(model.logits(h_BD)[:, 0].astype(jnp.float32), axis=-1)
-    logp_BC = logp_BV[:, jnp.asarray(choice_token_ids)]
-    gold_nll_B = -jnp.take_along_axis(logp_BC, batch['label'][:, None], axis=1)[:, 0]
-    correct_B = jnp.argmax(logp_BC, axis=-1) == batch['label']
-    gold_token_B = jnp.asarray(choice_token_ids)[batch['label']]
-    token_correct_B = jnp.argmax(logp_BV, axis=-1) == gold_token_B  # over the whole vocab
-    return {'nll': jnp.sum(gold_nll_B * w_B), 'correct': jnp.sum(correct_B * w_B),
-            'token_correct': jnp.sum(token_correct_B * w_B), 'tokens': jnp.sum(w_B)}
+    Classification (choice_token_ids given): the next-token distribution at
+    `choice_pos` scores each label word; `nll` is the gold label word's NLL.
+    Otherwise: masked next-token NLL / accuracy over all completion tokens."""
 
-  return eval_step
+    def eval_step(params, frozen, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        w_B = batch["weight"]
+        if choice_token_ids is None:
+            return next_token_sums(model, _hidden(model, batch), batch, w_B)
+        h_BTD = _hidden(model, batch)
+        h_BD = jnp.take_along_axis(h_BTD, batch["choice_pos"][:, None, None], axis=1)
+        logp_BV = jax.nn.log_softmax(model.logits(h_BD)[:, 0].astype(jnp.float32), axis=-1)
+        logp_BC = logp_BV[:, jnp.asarray(choice_token_ids)]
+        gold_nll_B = -jnp.take_along_axis(logp_BC, batch["label"][:, None], axis=1)[:, 0]
+        correct_B = jnp.argmax(logp_BC, axis=-1) == batch["label"]
+        gold_token_B = jnp.asarray(choice_token_ids)[batch["label"]]
+        token_correct_B = jnp.argmax(logp_BV, axis=-1) == gold_token_B  # over the whole vocab
+        return {
+            "nll": jnp.sum(gold_nll_B * w_B),
+            "correct": jnp.sum(correct_B * w_B),
+            "token_correct": jnp.sum(token_correct_B * w_B),
+            "tokens": jnp.sum(w_B),
+        }
+
+    return eval_step

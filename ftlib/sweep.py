@@ -9,6 +9,7 @@ time. A run whose summary.json exists is not run again, so an interrupted
 sweep resumes where it stopped (and an interrupted run resumes from its
 checkpoint).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,98 +24,109 @@ from ml_collections import config_flags
 
 from ftlib.errors import FtlibError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_sweep().',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory.', required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file with get_sweep().", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.", required=True)
 
 
 def run_name(overrides: dict) -> str:
-  """Readable, filesystem-safe name: 'peft.lora.rank=4,optim.learning_rate=0.001'."""
-  if not overrides:
-    return 'base'
-  text = ','.join(f'{k}={v}' for k, v in overrides.items())
-  return re.sub(r'[^A-Za-z0-9_.,=+-]', '_', text)[:200]
+    """Readable, filesystem-safe name: 'peft.lora.rank=4,optim.learning_rate=0.001'."""
+    if not overrides:
+        return "base"
+    text = ",".join(f"{k}={v}" for k, v in overrides.items())
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)[:200]
 
 
 def apply_overrides(config, overrides: dict):
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for key, value in overrides.items():
-      node, *path = config, *key.split('.')
-      for part in path[:-1]:
-        if part not in node:
-          raise FtlibError(f'sweep override {key!r}: config has no field {part!r}')
-        node = node[part]
-      if path[-1] not in node:
-        raise FtlibError(f'sweep override {key!r}: config has no field {path[-1]!r}')
-      node[path[-1]] = value
-  return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key, value in overrides.items():
+            node, *path = config, *key.split(".")
+            for part in path[:-1]:
+                if part not in node:
+                    raise FtlibError(f"sweep override {key!r}: config has no field {part!r}")
+                node = node[part]
+            if path[-1] not in node:
+                raise FtlibError(f"sweep override {key!r}: config has no field {path[-1]!r}")
+            node[path[-1]] = value
+    return config
 
 
 def load_sweep(config_path: str) -> list[dict]:
-  path, _, arg = config_path.partition(':')
-  spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_sweep'):
-    raise FtlibError(f'{path} defines no get_sweep(); add one returning a list of override dicts')
-  sweep = module.get_sweep(arg) if arg else module.get_sweep()
-  if not sweep:
-    raise FtlibError(f'{path}: get_sweep() returned no runs')
-  return [dict(o) for o in sweep]
+    path, _, arg = config_path.partition(":")
+    spec = importlib.util.spec_from_file_location("_sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise FtlibError(
+            f"{path} defines no get_sweep(); add one returning a list of override dicts"
+        )
+    sweep = module.get_sweep(arg) if arg else module.get_sweep()
+    if not sweep:
+        raise FtlibError(f"{path}: get_sweep() returned no runs")
+    return [dict(o) for o in sweep]
 
 
 def result_row(overrides: dict, summary: dict, metric: str) -> dict:
-  test = summary['test']
-  acc = 'accuracy' if 'accuracy' in test else 'token_accuracy'
-  return {
-      'run': run_name(overrides), **overrides,
-      f'best_val_{metric}': summary['best_val'], f'test_{acc}': test[acc],
-      'test_loss': test['loss'], 'trainable_params': summary['trainable_params'],
-      'steps': summary['steps'], 'wall_s': round(summary['wall_s'], 1),
-  }
+    test = summary["test"]
+    acc = "accuracy" if "accuracy" in test else "token_accuracy"
+    return {
+        "run": run_name(overrides),
+        **overrides,
+        f"best_val_{metric}": summary["best_val"],
+        f"test_{acc}": test[acc],
+        "test_loss": test["loss"],
+        "trainable_params": summary["trainable_params"],
+        "steps": summary["steps"],
+        "wall_s": round(summary["wall_s"], 1),
+    }
 
 
 def write_results(workdir: pathlib.Path, rows: list[dict]):
-  columns = list(dict.fromkeys(k for row in rows for k in row))
-  with (workdir / 'results.csv').open('w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(fmt(row.get(c, '')) for c in columns) + ' |' for row in rows]
-  (workdir / 'results.md').write_text('\n'.join(lines) + '\n')
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (workdir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    (workdir / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def run_sweep(config, sweep: list[dict], workdir: str) -> list[dict]:
-  from ftlib.trainer import train_and_evaluate
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  configs = [(o, apply_overrides(config, o)) for o in sweep]  # bad keys fail before any run
-  rows = []
-  for i, (overrides, run_config) in enumerate(configs):
-    run_dir = workdir / run_name(overrides)
-    done = run_dir / 'summary.json'
-    print(f'[{i + 1}/{len(configs)}] {run_dir.name}')
-    summary = (json.loads(done.read_text()) if done.exists()
-               else train_and_evaluate(run_config, str(run_dir)))
-    rows.append(result_row(overrides, summary, run_config.eval.metric))
-    write_results(workdir, rows)
-  return rows
+    from ftlib.trainer import train_and_evaluate
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    configs = [(o, apply_overrides(config, o)) for o in sweep]  # bad keys fail before any run
+    rows = []
+    for i, (overrides, run_config) in enumerate(configs):
+        run_dir = workdir / run_name(overrides)
+        done = run_dir / "summary.json"
+        print(f"[{i + 1}/{len(configs)}] {run_dir.name}")
+        summary = (
+            json.loads(done.read_text())
+            if done.exists()
+            else train_and_evaluate(run_config, str(run_dir))
+        )
+        rows.append(result_row(overrides, summary, run_config.eval.metric))
+        write_results(workdir, rows)
+    return rows
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
-  try:
-    sweep = load_sweep(config_flags.get_config_filename(flags.FLAGS['config']))
-    run_sweep(_CONFIG.value, sweep, _WORKDIR.value)
-  except FtlibError as e:
-    sys.exit(f'error: {e}')
-  print((pathlib.Path(_WORKDIR.value) / 'results.md').read_text())
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        sweep = load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
+        run_sweep(_CONFIG.value, sweep, _WORKDIR.value)
+    except FtlibError as e:
+        sys.exit(f"error: {e}")
+    print((pathlib.Path(_WORKDIR.value) / "results.md").read_text())
 
 
-if __name__ == '__main__':
-  app.run(main)
+if __name__ == "__main__":
+    app.run(main)

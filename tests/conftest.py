@@ -4,7 +4,9 @@ import pytest
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: uses real assets (e.g. the 93 MB SmolLM2 GGUF); run with -m slow")
+    config.addinivalue_line(
+        "markers", "slow: uses real assets (e.g. the 93 MB SmolLM2 GGUF); run with -m slow"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

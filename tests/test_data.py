@@ -32,7 +32,10 @@ def tok():
         single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+        tokenizer_object=t,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
         unk_token="<unk>",
     )
     tokenizer.chat_template = (
@@ -43,16 +46,34 @@ def tok():
 
 
 def make_cfg(**overrides):
-    cfg = ml_collections.ConfigDict({
-        "source": "jsonl", "path": "", "tfds_name": "", "tfds_split": "train",
-        "tfds_data_dir": "", "format": "classification", "text_field": "text",
-        "prompt_field": "prompt", "completion_field": "completion",
-        "messages_field": "messages", "label_field": "label", "id_field": "",
-        "prompt_template": "Review: {text}\nSentiment:", "label_words": ("negative", "positive"),
-        "seq_len": 32, "pad_to_multiple": 4, "pack": False, "split": (0.8, 0.1, 0.1),
-        "split_seed": 0, "batch_size": 4, "eval_batch_size": 4, "max_eval_examples": 0,
-        "shuffle_seed": 0, "group_by_length": 0,
-    })
+    cfg = ml_collections.ConfigDict(
+        {
+            "source": "jsonl",
+            "path": "",
+            "tfds_name": "",
+            "tfds_split": "train",
+            "tfds_data_dir": "",
+            "format": "classification",
+            "text_field": "text",
+            "prompt_field": "prompt",
+            "completion_field": "completion",
+            "messages_field": "messages",
+            "label_field": "label",
+            "id_field": "",
+            "prompt_template": "Review: {text}\nSentiment:",
+            "label_words": ("negative", "positive"),
+            "seq_len": 32,
+            "pad_to_multiple": 4,
+            "pack": False,
+            "split": (0.8, 0.1, 0.1),
+            "split_seed": 0,
+            "batch_size": 4,
+            "eval_batch_size": 4,
+            "max_eval_examples": 0,
+            "shuffle_seed": 0,
+            "group_by_length": 0,
+        }
+    )
     cfg.update(overrides)
     return cfg
 
@@ -63,10 +84,24 @@ def write_jsonl(path, records):
 
 
 def reviews(n, start=0):
-    texts = ["a good movie", "the plot was dull", "great acting", "awful film",
-             "very fun", "the movie is bad", "a great great film was fun", "dull"]
-    return [{"id": f"r{i}", "text": texts[i % len(texts)] + " " + "a " * (i % 5),
-             "label": int(i % 8 in (0, 2, 4, 6))} for i in range(start, start + n)]
+    texts = [
+        "a good movie",
+        "the plot was dull",
+        "great acting",
+        "awful film",
+        "very fun",
+        "the movie is bad",
+        "a great great film was fun",
+        "dull",
+    ]
+    return [
+        {
+            "id": f"r{i}",
+            "text": texts[i % len(texts)] + " " + "a " * (i % 5),
+            "label": int(i % 8 in (0, 2, 4, 6)),
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def words(tok, ids):
@@ -79,11 +114,13 @@ def all_examples(task):
 
 # ---------------------------------------------------------------- formats and loss masks
 
+
 def test_classification_jsonl(tok, tmp_path):
     cfg = make_cfg(path=write_jsonl(tmp_path / "d.jsonl", reviews(40)))
     task = load_task(cfg, tok)
-    np.testing.assert_array_equal(task.choice_token_ids, tok.convert_tokens_to_ids(
-        ["negative", "positive"]))
+    np.testing.assert_array_equal(
+        task.choice_token_ids, tok.convert_tokens_to_ids(["negative", "positive"])
+    )
     assert sum(task.stats[s] for s in ("train", "val", "test")) == 40
     ex = task.examples["train"][0]
     toks = words(tok, ex["input_ids"])
@@ -104,10 +141,14 @@ def test_text_format(tok, tmp_path):
 
 
 def test_prompt_completion_masks_only_completion(tok, tmp_path):
-    rows = [{"prompt": f"Q what is two plus two {'a ' * i}", "completion": "A four"}
-            for i in range(20)]
-    cfg = make_cfg(format="prompt_completion", split=(1.0, 0.0, 0.0),
-                   path=write_jsonl(tmp_path / "d.jsonl", rows))
+    rows = [
+        {"prompt": f"Q what is two plus two {'a ' * i}", "completion": "A four"} for i in range(20)
+    ]
+    cfg = make_cfg(
+        format="prompt_completion",
+        split=(1.0, 0.0, 0.0),
+        path=write_jsonl(tmp_path / "d.jsonl", rows),
+    )
     task = load_task(cfg, tok)
     assert task.stats["truncated"] == 0
     for ex in task.examples["train"]:
@@ -118,11 +159,18 @@ def test_prompt_completion_masks_only_completion(tok, tmp_path):
 
 
 def test_chat_masks_only_assistant_turns(tok, tmp_path):
-    conv = [{"role": "system", "content": "fine"}, {"role": "user", "content": "hello"},
-            {"role": "assistant", "content": "hi"}, {"role": "user", "content": "how are you"},
-            {"role": "assistant", "content": "fine thanks"}]
-    cfg = make_cfg(format="chat", split=(1.0, 0.0, 0.0),
-                   path=write_jsonl(tmp_path / "d.jsonl", [{"messages": conv}] * 3))
+    conv = [
+        {"role": "system", "content": "fine"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "how are you"},
+        {"role": "assistant", "content": "fine thanks"},
+    ]
+    cfg = make_cfg(
+        format="chat",
+        split=(1.0, 0.0, 0.0),
+        path=write_jsonl(tmp_path / "d.jsonl", [{"messages": conv}] * 3),
+    )
     ex = load_task(cfg, tok).examples["train"][0]
     toks = words(tok, ex["input_ids"])
     assert toks == tok.convert_ids_to_tokens(tok.apply_chat_template(conv, return_dict=False))
@@ -143,8 +191,13 @@ def test_csv_source_with_string_labels(tok, tmp_path):
         w.writerow(["review", "sentiment"])
         for r in reviews(30):
             w.writerow([r["text"], ["negative", "positive"][r["label"]]])
-    cfg = make_cfg(source="csv", path=str(path), text_field="review", label_field="sentiment",
-                   prompt_template="Review: {review}\nSentiment:")
+    cfg = make_cfg(
+        source="csv",
+        path=str(path),
+        text_field="review",
+        label_field="sentiment",
+        prompt_template="Review: {review}\nSentiment:",
+    )
     task = load_task(cfg, tok)
     labels = [e["label"] for e in all_examples(task)]
     assert sorted(labels) == sorted(r["label"] for r in reviews(30))
@@ -160,10 +213,10 @@ def test_tfds_source(tok):
 
 # ---------------------------------------------------------------- truncation
 
+
 def test_classification_truncation_keeps_template_frame(tok, tmp_path):
     rows = [{"text": "good " * 50 + "bad", "label": 1}] * 10
-    cfg = make_cfg(seq_len=12, split=(1.0, 0.0, 0.0),
-                   path=write_jsonl(tmp_path / "d.jsonl", rows))
+    cfg = make_cfg(seq_len=12, split=(1.0, 0.0, 0.0), path=write_jsonl(tmp_path / "d.jsonl", rows))
     task = load_task(cfg, tok)
     assert task.stats["truncated"] == 10 and task.stats["max_tokens"] == 12
     toks = words(tok, task.examples["train"][0]["input_ids"])
@@ -172,12 +225,24 @@ def test_classification_truncation_keeps_template_frame(tok, tmp_path):
 
 def test_prompt_completion_truncation_keeps_completion(tok, tmp_path):
     rows = [{"prompt": "Q " + "a " * 40 + "what", "completion": "A four"}] * 5
-    cfg = make_cfg(format="prompt_completion", seq_len=8, split=(1.0, 0.0, 0.0),
-                   path=write_jsonl(tmp_path / "d.jsonl", rows))
+    cfg = make_cfg(
+        format="prompt_completion",
+        seq_len=8,
+        split=(1.0, 0.0, 0.0),
+        path=write_jsonl(tmp_path / "d.jsonl", rows),
+    )
     task = load_task(cfg, tok)
     assert task.stats["truncated"] == 5
     assert words(tok, task.examples["train"][0]["input_ids"]) == [
-        "<bos>", "a", "a", "a", "what", "A", "four", "<eos>"]
+        "<bos>",
+        "a",
+        "a",
+        "a",
+        "what",
+        "A",
+        "four",
+        "<eos>",
+    ]
     # A completion that alone overflows loses its end, leaving the prompt's last token.
     rows = [{"prompt": "Q what", "completion": "A " + "four " * 20}] * 5
     cfg.path = write_jsonl(tmp_path / "e.jsonl", rows)
@@ -189,6 +254,7 @@ def test_prompt_completion_truncation_keeps_completion(tok, tmp_path):
 
 
 # ---------------------------------------------------------------- splits
+
 
 def test_split_is_stable_under_appends_and_deterministic(tok, tmp_path):
     cfg = make_cfg(path=write_jsonl(tmp_path / "d.jsonl", reviews(300)), id_field="id")
@@ -230,6 +296,7 @@ def test_empty_split(tok, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_malformed_jsonl_names_file_and_line(tok, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "good", "label": 1}\n\n{"text": "bad", "label": 0\n')
@@ -258,8 +325,9 @@ def test_multi_token_label_word(tok, tmp_path):
 
 
 def test_template_field_and_label_errors(tok, tmp_path):
-    cfg = make_cfg(path=write_jsonl(tmp_path / "d.jsonl", reviews(20)),
-                   prompt_template="{title}: {text}")
+    cfg = make_cfg(
+        path=write_jsonl(tmp_path / "d.jsonl", reviews(20)), prompt_template="{title}: {text}"
+    )
     with pytest.raises(DataError, match="names 'title'"):
         load_task(cfg, tok)
     rows = [{"text": "a", "label": 7}] * 20
@@ -269,6 +337,7 @@ def test_template_field_and_label_errors(tok, tmp_path):
 
 
 # ---------------------------------------------------------------- batches
+
 
 def check_rows(batch, pad_id):
     """Padding is pad_id / segment 0 / no loss, and positions restart in every segment."""
@@ -293,8 +362,9 @@ def test_bucketed_padding_shapes(tok, tmp_path):
         t = batch["input_ids"].shape[1]
         assert t % 4 == 0 and t - 4 < longest <= t
         assert {k: v.dtype for k, v in batch.items()} == {
-            k: np.int32 for k in ("input_ids", "loss_mask", "segment_ids", "positions",
-                                  "label", "choice_pos")}
+            k: np.int32
+            for k in ("input_ids", "loss_mask", "segment_ids", "positions", "label", "choice_pos")
+        }
         assert batch["label"].shape == batch["choice_pos"].shape == (4,)
         check_rows(batch, tok.pad_token_id)
     task.pad_to_multiple = 0
@@ -302,8 +372,9 @@ def test_bucketed_padding_shapes(tok, tmp_path):
 
 
 def test_packing(tok, tmp_path):
-    cfg = make_cfg(format="text", pack=True, seq_len=24,
-                   path=write_jsonl(tmp_path / "d.jsonl", reviews(60)))
+    cfg = make_cfg(
+        format="text", pack=True, seq_len=24, path=write_jsonl(tmp_path / "d.jsonl", reviews(60))
+    )
     task = load_task(cfg, tok)
     known = {tuple(e["input_ids"]): tuple(e["loss_mask"]) for e in task.examples["train"]}
     it = task.train_iterator(4)
@@ -350,8 +421,12 @@ def test_eval_batches_filler_and_order(tok, tmp_path):
 @pytest.mark.parametrize("pack,group", [(False, 0), (True, 0), (False, 2)])
 def test_iterator_state_resume(tok, tmp_path, pack, group):
     fmt = "text" if pack else "classification"
-    cfg = make_cfg(format=fmt, pack=pack, path=write_jsonl(tmp_path / "d.jsonl", reviews(30)),
-                   group_by_length=group)
+    cfg = make_cfg(
+        format=fmt,
+        pack=pack,
+        path=write_jsonl(tmp_path / "d.jsonl", reviews(30)),
+        group_by_length=group,
+    )
     task = load_task(cfg, tok)
     it = task.train_iterator(4)
     for _ in range(9):  # Past an epoch boundary (24 train rows = 6 batches unpacked).
@@ -368,11 +443,15 @@ def test_iterator_state_resume(tok, tmp_path, pack, group):
 
 
 def test_epochs_are_reshuffled(tok, tmp_path):
-    cfg = make_cfg(path=write_jsonl(tmp_path / "d.jsonl", reviews(40)), split=(1.0, 0.0, 0.0),
-                   pad_to_multiple=0)
+    cfg = make_cfg(
+        path=write_jsonl(tmp_path / "d.jsonl", reviews(40)),
+        split=(1.0, 0.0, 0.0),
+        pad_to_multiple=0,
+    )
     it = load_task(cfg, tok).train_iterator(40)
     first, second = next(it), next(it)
     assert not np.array_equal(first["input_ids"], second["input_ids"])
+
     def rows(batch):
         return sorted(map(tuple, batch["input_ids"]))
 
@@ -380,6 +459,7 @@ def test_epochs_are_reshuffled(tok, tmp_path):
 
 
 # ---------------------------------------------------------------- the real asset
+
 
 def test_rt_snippets_real_file(tok, monkeypatch):
     import ftlib.assets
@@ -400,6 +480,7 @@ def test_rt_snippets_real_file(tok, monkeypatch):
 
 def test_length_grouped_order_covers_epoch_and_groups_lengths():
     from ftlib.data.pipeline import length_grouped_order
+
     lengths = np.random.default_rng(0).integers(5, 60, 1003)
     b = length_grouped_order(lengths, 8, 4, seed=3, epoch=0)
     assert b.shape == (125, 8) and len(np.unique(b)) == 1000  # each example at most once

@@ -21,8 +21,12 @@ from ftlib.hf import (
 )
 from ftlib.hf.gguf import unpermute_rope_rows
 
-CFG = dict(vocab=None, hidden=32, ffn=64, layers=2, heads=4, kv_heads=2, theta=1e5, eps=1e-5, ctx=128)
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CFG = dict(
+    vocab=None, hidden=32, ffn=64, layers=2, heads=4, kv_heads=2, theta=1e5, eps=1e-5, ctx=128
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
 
 
 def llama_cpp_permute(weights, n_head, n_head_kv):
@@ -38,7 +42,11 @@ def llama_cpp_permute(weights, n_head, n_head_kv):
 
 def bytes_to_unicode():
     """GPT-2's byte -> printable character table, the alphabet byte-level BPE tokens are spelled in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -102,12 +110,22 @@ def write_llama_gguf(path, hf: dict[str, np.ndarray], arch="llama", pre="smollm"
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template(CHAT_TEMPLATE)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     expected = dict(hf)
     for name, x in hf.items():
         if name.startswith("model.layers."):
@@ -139,14 +157,25 @@ def test_gguf_round_trip_gives_hf_tensors_and_config(tmp_path, tied):
     src = load_gguf(tmp_path / "tiny.gguf")
     assert sorted(src.tensors) == sorted(hf)
     for name, x in expected.items():
-        assert src.tensors[name].dtype == np.float32 and src.tensors[name].shape == hf[name].shape, name
+        assert (
+            src.tensors[name].dtype == np.float32 and src.tensors[name].shape == hf[name].shape
+        ), name
         np.testing.assert_array_equal(src.tensors[name], x, err_msg=name)
     # Q8_0 is lossy but close; every Q and K (un-permuted) comes back bit-exact above.
-    np.testing.assert_allclose(expected["model.layers.0.mlp.up_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"], atol=0.05)
+    np.testing.assert_allclose(
+        expected["model.layers.0.mlp.up_proj.weight"],
+        hf["model.layers.0.mlp.up_proj.weight"],
+        atol=0.05,
+    )
     c = src.hf_config
     assert c["model_type"] == "llama"
     assert (c["vocab_size"], c["hidden_size"], c["intermediate_size"]) == (len(TOKENS), 32, 64)
-    assert (c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (2, 4, 2, 8)
+    assert (
+        c["num_hidden_layers"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["head_dim"],
+    ) == (2, 4, 2, 8)
     assert (c["rms_norm_eps"], c["rope_theta"], c["max_position_embeddings"]) == (1e-5, 1e5, 128)
     assert c["tie_word_embeddings"] is tied
     assert (c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (1, 2, 2)
@@ -155,7 +184,9 @@ def test_gguf_round_trip_gives_hf_tensors_and_config(tmp_path, tied):
 def test_unpermute_inverts_llama_cpp_permute():
     w = np.arange(12 * 8 * 5, dtype=np.float32).reshape(12 * 8, 5)
     for n_head in (1, 3, 12):
-        np.testing.assert_array_equal(unpermute_rope_rows(llama_cpp_permute(w, n_head, None), n_head), w)
+        np.testing.assert_array_equal(
+            unpermute_rope_rows(llama_cpp_permute(w, n_head, None), n_head), w
+        )
 
 
 def _rope_rotate_half(q_HD, pos):
@@ -234,7 +265,10 @@ def test_gguf_unsupported_arch(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedArchitectureError, match="holds a 'gpt2' model; supported architectures: llama, bert"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match="holds a 'gpt2' model; supported architectures: llama, bert",
+    ):
         load_pretrained(str(tmp_path / "gpt2.gguf"))
 
 
@@ -248,16 +282,22 @@ def _tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     vocab = {"[UNK]": 0, "[PAD]": 1, "hello": 2, "world": 3}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]"
+    )
 
 
 def _hf_folder(path, model_type="bert", shards=1, seed=0):
     rng = np.random.default_rng(seed)
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 4, "vocab_size": 4}))
+    (path / "config.json").write_text(
+        json.dumps({"model_type": model_type, "hidden_size": 4, "vocab_size": 4})
+    )
     tensors = {
         "bert.embeddings.word_embeddings.weight": rng.standard_normal((4, 4)).astype(np.float16),
-        "bert.encoder.layer.0.attention.self.query.weight": rng.standard_normal((4, 4)).astype(np.float32),
+        "bert.encoder.layer.0.attention.self.query.weight": rng.standard_normal((4, 4)).astype(
+            np.float32
+        ),
         "bert.encoder.layer.0.attention.self.query.bias": rng.standard_normal(4).astype(np.float32),
         "bert.embeddings.position_ids": np.arange(4, dtype=np.int64)[None],
     }
@@ -270,7 +310,9 @@ def _hf_folder(path, model_type="bert", shards=1, seed=0):
             part = {n: tensors[n] for n in names[s::shards]}
             save_file(part, str(path / shard))
             weight_map |= {n: shard for n in part}
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     _tiny_tokenizer().save_pretrained(path)
     return tensors
 
@@ -301,7 +343,10 @@ def test_hf_folder_errors(tmp_path):
     with pytest.raises(CheckpointError, match="has no model.safetensors"):
         load_pretrained(str(tmp_path / "noweights"))
     _hf_folder(tmp_path / "t5", model_type="t5")
-    with pytest.raises(UnsupportedArchitectureError, match="holds a 't5' model; supported architectures: llama, bert"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match="holds a 't5' model; supported architectures: llama, bert",
+    ):
         load_pretrained(str(tmp_path / "t5"))
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="neither an HF checkpoint folder nor a .gguf file"):
@@ -326,7 +371,12 @@ def test_load_pretrained_resolves_asset_names(tmp_path, monkeypatch):
 def test_real_smollm2_gguf():
     src = load_pretrained("smollm2-135m-instruct")
     c = src.hf_config
-    assert (c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert (
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+    ) == (30, 576, 9, 3)
     assert (c["vocab_size"], c["head_dim"], c["intermediate_size"]) == (49152, 64, 1536)
     assert c["tie_word_embeddings"] is True and "lm_head.weight" not in src.tensors
     assert (c["rope_theta"], c["rms_norm_eps"]) == (1e5, 1e-5)
@@ -334,8 +384,12 @@ def test_real_smollm2_gguf():
     assert src.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert sum(x.size for x in src.tensors.values()) == 134_515_008
     tok = src.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=False)
-    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
     assert tok.encode(" positive") == [2731] and tok.encode(" negative") == [3524]
     assert tok.encode("The capital of France is") == [504, 3575, 282, 4649, 314]

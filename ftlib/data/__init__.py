@@ -40,8 +40,13 @@ class Task:
     def train_iterator(self, batch_size: int):
         """Infinite shuffled training batches; iterator.get_state() is JSON-serialisable."""
         return pipeline.train_iterator(
-            self.examples["train"], batch_size, seed=self.shuffle_seed, pack=self.pack,
-            pad_id=self.pad_id, seq_len=self.seq_len, pad_to_multiple=self.pad_to_multiple,
+            self.examples["train"],
+            batch_size,
+            seed=self.shuffle_seed,
+            pack=self.pack,
+            pad_id=self.pad_id,
+            seq_len=self.seq_len,
+            pad_to_multiple=self.pad_to_multiple,
             group_by_length=self.group_by_length,
         )
 
@@ -56,7 +61,10 @@ class Task:
             chosen = np.sort(np.random.default_rng(0).permutation(len(examples))[:max_examples])
             examples = [examples[i] for i in chosen]
         return pipeline.eval_batches(
-            examples, batch_size, pad_id=self.pad_id, seq_len=self.seq_len,
+            examples,
+            batch_size,
+            pad_id=self.pad_id,
+            seq_len=self.seq_len,
             pad_to_multiple=self.pad_to_multiple,
         )
 

@@ -41,8 +41,9 @@ def _packed_row(packed: dict) -> dict:
     }
 
 
-def collate(rows: list[dict], *, pad_id: int, seq_len: int, pad_to_multiple: int,
-            fill_to: int = 0) -> dict:
+def collate(
+    rows: list[dict], *, pad_id: int, seq_len: int, pad_to_multiple: int, fill_to: int = 0
+) -> dict:
     """Pads rows into one batch; fill_to > 0 adds all-padding rows up to it, and `weight`."""
     longest = max(len(r["input_ids"]) for r in rows)
     t = seq_len
@@ -63,8 +64,9 @@ def collate(rows: list[dict], *, pad_id: int, seq_len: int, pad_to_multiple: int
     return batch
 
 
-def length_grouped_order(lengths: np.ndarray, batch_size: int, window: int, seed: int,
-                         epoch: int) -> np.ndarray:
+def length_grouped_order(
+    lengths: np.ndarray, batch_size: int, window: int, seed: int, epoch: int
+) -> np.ndarray:
     """Example indices of one epoch's batches, int[n_batches, batch_size].
 
     A seeded permutation is cut into windows of `window` batches; each window is sorted by
@@ -76,7 +78,10 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, window: int, seed
     n_batches = len(lengths) // batch_size
     perm = rng.permutation(len(lengths))[: n_batches * batch_size]
     span = batch_size * window
-    windows = [w[np.argsort(lengths[w], kind="stable")] for w in np.split(perm, range(span, len(perm), span))]
+    windows = [
+        w[np.argsort(lengths[w], kind="stable")]
+        for w in np.split(perm, range(span, len(perm), span))
+    ]
     batches = np.concatenate(windows).reshape(n_batches, batch_size)
     return batches[rng.permutation(n_batches)]
 
@@ -95,9 +100,17 @@ def _grouped_iterator(examples, batch_size, window, seed, to_batch):
     return iter(grain.MapDataset.range(1 << 50).map(batch).to_iter_dataset(_READ_OPTIONS))
 
 
-def train_iterator(examples: list[dict], batch_size: int, *, seed: int, pack: bool,
-                   pad_id: int, seq_len: int, pad_to_multiple: int,
-                   group_by_length: int = 0) -> grain.DatasetIterator:
+def train_iterator(
+    examples: list[dict],
+    batch_size: int,
+    *,
+    seed: int,
+    pack: bool,
+    pad_id: int,
+    seq_len: int,
+    pad_to_multiple: int,
+    group_by_length: int = 0,
+) -> grain.DatasetIterator:
     """An infinite iterator of training batches with get_state() / set_state().
 
     Each epoch is a fresh permutation (grain seeds the shuffle of epoch e with seed + e), and
@@ -126,8 +139,9 @@ def train_iterator(examples: list[dict], batch_size: int, *, seed: int, pack: bo
     return iter(packed.map(_packed_row).batch(batch_size, batch_fn=to_batch))
 
 
-def eval_batches(examples: list[dict], batch_size: int, *, pad_id: int, seq_len: int,
-                 pad_to_multiple: int):
+def eval_batches(
+    examples: list[dict], batch_size: int, *, pad_id: int, seq_len: int, pad_to_multiple: int
+):
     """Finite batches of length-sorted examples; the last is filled up to batch_size rows.
 
     Sorting (stable, so deterministic) keeps each batch's padding small: eval cost follows
@@ -136,5 +150,10 @@ def eval_batches(examples: list[dict], batch_size: int, *, pad_id: int, seq_len:
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     for start in range(0, len(examples), batch_size):
         rows = [as_row(e) for e in examples[start : start + batch_size]]
-        yield collate(rows, pad_id=pad_id, seq_len=seq_len, pad_to_multiple=pad_to_multiple,
-                      fill_to=batch_size)
+        yield collate(
+            rows,
+            pad_id=pad_id,
+            seq_len=seq_len,
+            pad_to_multiple=pad_to_multiple,
+            fill_to=batch_size,
+        )

@@ -148,11 +148,17 @@ def _encode_classification(records, data_cfg, tokenizer):
         None if span is None else [span[0] <= s < e <= span[1] for s, e in offs]
         for (_, span), offs in zip(rendered, encoded["offset_mapping"])
     ]
-    labels = [_label_index(r[data_cfg.label_field], data_cfg.label_words, i) for i, r in
-              enumerate(records)]
+    labels = [
+        _label_index(r[data_cfg.label_field], data_cfg.label_words, i)
+        for i, r in enumerate(records)
+    ]
     examples, truncated = _join(
-        tokenizer, data_cfg.seq_len, encoded["input_ids"], in_field,
-        [[int(choices[y])] for y in labels], [{"label": y} for y in labels],
+        tokenizer,
+        data_cfg.seq_len,
+        encoded["input_ids"],
+        in_field,
+        [[int(choices[y])] for y in labels],
+        [{"label": y} for y in labels],
     )
     for ex in examples:  # The last prompt token's logits score the label words.
         ex["choice_pos"] = len(ex["input_ids"]) - 2
@@ -228,7 +234,9 @@ def _encode_chat(records, data_cfg, tokenizer):
 def _chat_ids(tokenizer, messages, add_generation_prompt=False) -> list[int]:
     return list(
         tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+            messages,
+            tokenize=True,
+            add_generation_prompt=add_generation_prompt,
             return_dict=False,
         )
     )

@@ -148,7 +148,9 @@ def _tokenizer(meta: dict, path: pathlib.Path) -> transformers.PreTrainedTokeniz
     """Rebuild the HF fast tokenizer from `tokenizer.ggml.*` (byte-level BPE only)."""
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2":
-        raise CheckpointError(f"GGUF file {path}: tokenizer {kind!r} unsupported, only 'gpt2' (BPE)")
+        raise CheckpointError(
+            f"GGUF file {path}: tokenizer {kind!r} unsupported, only 'gpt2' (BPE)"
+        )
     if pre not in _PRE_TOKENIZERS:
         raise CheckpointError(
             f"GGUF file {path}: pre-tokenizer {pre!r} unsupported; known: {', '.join(_PRE_TOKENIZERS)}"

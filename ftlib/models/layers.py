@@ -5,6 +5,7 @@ Every parameter carries `logical_axes` metadata (MaxText style): names such as
 one rules table, so models never mention mesh axes. Stacked (scanned) layers
 get a leading 'layers' axis.
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,79 +16,97 @@ DEFAULT_INIT = nnx.initializers.normal(0.02)
 
 
 def param(rngs, init, shape, axes, dtype) -> nnx.Param:
-  """A Param with its logical axis names; `axes` must name every dimension."""
-  assert len(axes) == len(shape), (shape, axes)
-  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+    """A Param with its logical axis names; `axes` must name every dimension."""
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
 
 def stacked(num_layers: int | None, shape, axes):
-  """Shape and axes with a leading 'layers' dim when the module is scanned."""
-  if num_layers is None:
-    return tuple(shape), tuple(axes)
-  return (num_layers, *shape), ('layers', *axes)
+    """Shape and axes with a leading 'layers' dim when the module is scanned."""
+    if num_layers is None:
+        return tuple(shape), tuple(axes)
+    return (num_layers, *shape), ("layers", *axes)
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias). kernel_[L]IO with logical axes (in_axis, out_axis)."""
+    """y = x @ kernel (+ bias). kernel_[L]IO with logical axes (in_axis, out_axis)."""
 
-  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
-               use_bias: bool = False, num_layers: int | None = None,
-               param_dtype=jnp.float32, dtype=jnp.float32, init=DEFAULT_INIT):
-    shape, kaxes = stacked(num_layers, (d_in, d_out), axes)
-    self.kernel = param(rngs, init, shape, kaxes, param_dtype)
-    if use_bias:
-      bshape, baxes = stacked(num_layers, (d_out,), axes[1:])
-      self.bias = param(rngs, nnx.initializers.zeros, bshape, baxes, param_dtype)
-    else:
-      self.bias = None
-    self.dtype = dtype
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        axes: tuple[str, str],
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = False,
+        num_layers: int | None = None,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+        init=DEFAULT_INIT,
+    ):
+        shape, kaxes = stacked(num_layers, (d_in, d_out), axes)
+        self.kernel = param(rngs, init, shape, kaxes, param_dtype)
+        if use_bias:
+            bshape, baxes = stacked(num_layers, (d_out,), axes[1:])
+            self.bias = param(rngs, nnx.initializers.zeros, bshape, baxes, param_dtype)
+        else:
+            self.bias = None
+        self.dtype = dtype
 
-  def __call__(self, x, rng=None):
-    del rng  # only adapters that replace this layer use randomness (e.g. LoRA dropout)
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    def __call__(self, x, rng=None):
+        del rng  # only adapters that replace this layer use randomness (e.g. LoRA dropout)
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, num_layers: int | None = None,
-               param_dtype=jnp.float32):
-    shape, axes = stacked(num_layers, (dim,), ('norm',))
-    self.scale = param(rngs, nnx.initializers.ones, shape, axes, param_dtype)
-    self.eps = eps
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        rngs: nnx.Rngs,
+        num_layers: int | None = None,
+        param_dtype=jnp.float32,
+    ):
+        shape, axes = stacked(num_layers, (dim,), ("norm",))
+        self.scale = param(rngs, nnx.initializers.ones, shape, axes, param_dtype)
+        self.eps = eps
 
-  def __call__(self, x):
-    # Normalise in fp32 whatever the compute dtype: bf16 variance underflows.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    def __call__(self, x):
+        # Normalise in fp32 whatever the compute dtype: bf16 variance underflows.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Embed(nnx.Module):
-  def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               dtype=jnp.float32):
-    self.embedding = param(rngs, DEFAULT_INIT, (vocab, dim), ('vocab', 'embed'), param_dtype)
-    self.dtype = dtype
+    def __init__(
+        self, vocab: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32
+    ):
+        self.embedding = param(rngs, DEFAULT_INIT, (vocab, dim), ("vocab", "embed"), param_dtype)
+        self.dtype = dtype
 
-  def __call__(self, ids_BT):
-    return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
+    def __call__(self, ids_BT):
+        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
 
-  def attend(self, h_BTD):
-    """Tied output projection: logits over the vocabulary."""
-    return jnp.dot(h_BTD.astype(self.dtype), self.embedding[...].T.astype(self.dtype))
+    def attend(self, h_BTD):
+        """Tied output projection: logits over the vocabulary."""
+        return jnp.dot(h_BTD.astype(self.dtype), self.embedding[...].T.astype(self.dtype))
 
 
 def rope_tables(positions_BT, head_dim: int, theta: float):
-  """cos/sin of HF's rotate-half RoPE, each [B, T, head_dim]."""
-  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  angles_BTH = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)
-  return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+    """cos/sin of HF's rotate-half RoPE, each [B, T, head_dim]."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    angles_BTH = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)
+    return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
 
 
 def apply_rope(x_BTNH, cos_BTH, sin_BTH):
-  half = x_BTNH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-  cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
-  return (x_BTNH * cos + rotated * sin).astype(x_BTNH.dtype)
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
+    return (x_BTNH * cos + rotated * sin).astype(x_BTNH.dtype)

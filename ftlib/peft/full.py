@@ -2,7 +2,7 @@
 
 
 def apply(model, cfg, rngs) -> None:
-  del model, cfg, rngs  # no surgery
+    del model, cfg, rngs  # no surgery
 
 
-TRAINABLE_RULES = ((r'.*', True),)
+TRAINABLE_RULES = ((r".*", True),)

@@ -3,6 +3,7 @@
 Surgery wraps every Linear whose module path matches `target_modules`; the
 wrapped layer keeps its base kernel (frozen by the mask) under `base`.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,47 +17,59 @@ from ftlib.peft.surgery import replace_modules
 
 
 class LoRALinear(nnx.Module):
-  def __init__(self, base: Linear, rank: int, alpha: float, dropout: float, rslora: bool,
-               *, rngs: nnx.Rngs):
-    kernel = base.kernel
-    *lead, d_in, d_out = kernel.shape
-    *lead_axes, in_axis, out_axis = kernel.get_metadata()['logical_axes']
-    dtype = kernel.dtype
-    # HF PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)).
-    bound = 1.0 / math.sqrt(d_in)
-    init_a = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
-    self.base = base
-    # A is [rank, d_in] (PEFT's lora_A layout): its gradient (g^T x) then reads the
-    # activations x in their natural layout; [d_in, rank] made XLA:CPU transpose x.
-    self.lora_a = param(rngs, init_a, (*lead, rank, d_in), (*lead_axes, 'lora_rank', in_axis),
-                        dtype)
-    self.lora_b = param(rngs, nnx.initializers.zeros, (*lead, rank, d_out),
-                        (*lead_axes, 'lora_rank', out_axis), dtype)
-    self.scale = alpha / (math.sqrt(rank) if rslora else rank)
-    self.dropout = dropout
+    def __init__(
+        self, base: Linear, rank: int, alpha: float, dropout: float, rslora: bool, *, rngs: nnx.Rngs
+    ):
+        kernel = base.kernel
+        *lead, d_in, d_out = kernel.shape
+        *lead_axes, in_axis, out_axis = kernel.get_metadata()["logical_axes"]
+        dtype = kernel.dtype
+        # HF PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        bound = 1.0 / math.sqrt(d_in)
+        init_a = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
+        self.base = base
+        # A is [rank, d_in] (PEFT's lora_A layout): its gradient (g^T x) then reads the
+        # activations x in their natural layout; [d_in, rank] made XLA:CPU transpose x.
+        self.lora_a = param(
+            rngs, init_a, (*lead, rank, d_in), (*lead_axes, "lora_rank", in_axis), dtype
+        )
+        self.lora_b = param(
+            rngs,
+            nnx.initializers.zeros,
+            (*lead, rank, d_out),
+            (*lead_axes, "lora_rank", out_axis),
+            dtype,
+        )
+        self.scale = alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = dropout
 
-  def __call__(self, x, rng=None):
-    y = self.base(x)
-    if self.dropout > 0 and rng is not None:
-      keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-    dt = self.base.dtype
-    # Scale the rank-r intermediate, not the d_out-wide output: one small multiply.
-    h = jnp.einsum('...d,rd->...r', x.astype(dt), self.lora_a[...].astype(dt)) * self.scale
-    return y + jnp.dot(h, self.lora_b[...].astype(dt))
+    def __call__(self, x, rng=None):
+        y = self.base(x)
+        if self.dropout > 0 and rng is not None:
+            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        dt = self.base.dtype
+        # Scale the rank-r intermediate, not the d_out-wide output: one small multiply.
+        h = jnp.einsum("...d,rd->...r", x.astype(dt), self.lora_a[...].astype(dt)) * self.scale
+        return y + jnp.dot(h, self.lora_b[...].astype(dt))
 
-  def merged_kernel(self):
-    """W + scale A^T B: the kernel of an equivalent plain Linear."""
-    return self.base.kernel[...] + self.scale * (jnp.swapaxes(self.lora_a[...], -1, -2)
-                                                 @ self.lora_b[...])
+    def merged_kernel(self):
+        """W + scale A^T B: the kernel of an equivalent plain Linear."""
+        return self.base.kernel[...] + self.scale * (
+            jnp.swapaxes(self.lora_a[...], -1, -2) @ self.lora_b[...]
+        )
 
 
 def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
-  replace_modules(
-      model, cfg.lora.target_modules, Linear,
-      lambda base: LoRALinear(base, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                              cfg.lora.rslora, rngs=rngs))
+    replace_modules(
+        model,
+        cfg.lora.target_modules,
+        Linear,
+        lambda base: LoRALinear(
+            base, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, rngs=rngs
+        ),
+    )
 
 
 # Only the adapter factors train; anything else the user marks in peft.trainable.
-TRAINABLE_RULES = ((r'.*/lora_(a|b)$', True), (r'.*', False))
+TRAINABLE_RULES = ((r".*/lora_(a|b)$", True), (r".*", False))

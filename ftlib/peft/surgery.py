@@ -1,4 +1,5 @@
 """Model surgery: replace submodules whose path matches a regex."""
+
 from __future__ import annotations
 
 import re
@@ -10,23 +11,29 @@ from ftlib.errors import FtlibError
 
 
 def module_path(path) -> str:
-  return '/'.join(str(p) for p in path)
+    return "/".join(str(p) for p in path)
 
 
 def replace_modules(model: nnx.Module, pattern: str, kind: type, make: Callable) -> list[str]:
-  """Replaces every `kind` submodule whose path fully matches `pattern` by
-  `make(old)`. A pattern that matches nothing is a user error, not a no-op."""
-  regex = re.compile(pattern)
-  found = [(path, m) for path, m in nnx.iter_modules(model)
-           if path and isinstance(m, kind) and regex.fullmatch(module_path(path))]
-  if not found:
-    candidates = sorted({module_path(p) for p, m in nnx.iter_modules(model)
-                         if p and isinstance(m, kind)})
-    raise FtlibError(f'target regex {pattern!r} matches no {kind.__name__} module; '
-                     f'modules are: {", ".join(candidates)}')
-  for path, old in found:
-    parent = model
-    for part in path[:-1]:
-      parent = getattr(parent, part)
-    setattr(parent, path[-1], make(old))
-  return [module_path(p) for p, _ in found]
+    """Replaces every `kind` submodule whose path fully matches `pattern` by
+    `make(old)`. A pattern that matches nothing is a user error, not a no-op."""
+    regex = re.compile(pattern)
+    found = [
+        (path, m)
+        for path, m in nnx.iter_modules(model)
+        if path and isinstance(m, kind) and regex.fullmatch(module_path(path))
+    ]
+    if not found:
+        candidates = sorted(
+            {module_path(p) for p, m in nnx.iter_modules(model) if p and isinstance(m, kind)}
+        )
+        raise FtlibError(
+            f"target regex {pattern!r} matches no {kind.__name__} module; "
+            f"modules are: {', '.join(candidates)}"
+        )
+    for path, old in found:
+        parent = model
+        for part in path[:-1]:
+            parent = getattr(parent, part)
+        setattr(parent, path[-1], make(old))
+    return [module_path(p) for p, _ in found]
