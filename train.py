@@ -7,12 +7,11 @@ Rotten Tomatoes). Rerunning on the same --workdir resumes from its checkpoint.
 """
 
 import pathlib
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from ftlib.errors import FtlibError
+from ftlib import cli
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "default.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,18 +20,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics, summary.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+def main():
     from ftlib import trainer  # after flag parsing: jax reads XLA_FLAGS at import
 
-    try:
-        summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except FtlibError as e:
-        sys.exit(f"error: {e}")
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(trainer.summary_table(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

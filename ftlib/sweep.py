@@ -17,11 +17,11 @@ import importlib.util
 import json
 import pathlib
 import re
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from ftlib import cli
 from ftlib.errors import FtlibError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -116,17 +116,11 @@ def run_sweep(config, sweep: list[dict], workdir: str) -> list[dict]:
     return rows
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    try:
-        sweep = load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
-        run_sweep(_CONFIG.value, sweep, _WORKDIR.value)
-    except FtlibError as e:
-        sys.exit(f"error: {e}")
+def main():
+    sweep = load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
+    run_sweep(_CONFIG.value, sweep, _WORKDIR.value)
     print((pathlib.Path(_WORKDIR.value) / "results.md").read_text())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -45,8 +45,8 @@ def test_every_param_gets_a_sharding():
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     shardings = sharding.tree_shardings(nnx.state(model, nnx.Param), mesh, RULES)
     text = sharding.summary(shardings)
-    assert "blocks/mlp/gate_proj/kernel: PartitionSpec(None, 'fsdp', 'tensor')" in text
-    assert "embed/embedding: PartitionSpec('tensor', 'fsdp')" in text
+    assert "blocks/mlp/gate_proj/kernel: P(None, 'fsdp', 'tensor')" in text
+    assert "embed/embedding: P('tensor', 'fsdp')" in text
     assert len(text.splitlines()) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
