@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021): y = x W + dropout(x) A B * scale, B zero-initialised.
+"""LoRA (Hu et al. 2021): y = x W + scale * dropout(x) A^T B, B zero-initialised.
 
 Surgery wraps every Linear whose module path matches `target_modules`; the
 wrapped layer keeps its base kernel (frozen by the mask) under `base`.
@@ -28,8 +28,8 @@ class LoRALinear(nnx.Module):
         bound = 1.0 / math.sqrt(d_in)
         init_a = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
         self.base = base
-        # A is [rank, d_in] (PEFT's lora_A layout): its gradient (g^T x) then reads the
-        # activations x in their natural layout; [d_in, rank] made XLA:CPU transpose x.
+        # A is [rank, d_in] and B [rank, d_out]: PEFT's lora_A layout and lora_B transposed,
+        # stacked over layers like the base kernel.
         self.lora_a = param(
             rngs, init_a, (*lead, rank, d_in), (*lead_axes, "lora_rank", in_axis), dtype
         )

@@ -1,0 +1,169 @@
+"""Multi-device half of tests/test_multidevice.py, run in a subprocess.
+
+Fakes 8 CPU devices (the flag must be set before jax is imported), trains a tiny
+random Llama for 3 steps per (method, mesh) the way the trainer does (split by
+mask, device_put with shardings, jit with in/out shardings and donation), and
+compares with the same run on a one-device mesh. Prints one JSON object; the
+trained params go to OUT_DIR/params.npz for the test to compare.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_check.py OUT_DIR
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import default  # noqa: E402
+from ftlib import masks, optim, peft, sharding, steps  # noqa: E402
+from ftlib.errors import FtlibError  # noqa: E402
+from ftlib.models.llama import Llama, LlamaConfig  # noqa: E402
+
+# Every sharded dim (vocab 64, embed 32, mlp 64, heads 4x8, kv 2x8) divides 4.
+CFG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+RULES = tuple(default.get_config().sharding_rules)
+METHODS = ("full", "lora")
+MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4))  # (data, fsdp, tensor)
+N_STEPS, BATCH, SEQ = 3, 8, 16
+
+
+def peft_cfg(method):
+    return ml_collections.ConfigDict(
+        dict(
+            method=method,
+            freeze=(),
+            trainable=(),
+            lora=dict(
+                rank=4,
+                alpha=8.0,
+                dropout=0.0,
+                rslora=False,
+                target_modules=r".*/(q|k|v|o|gate|up|down)_proj",
+            ),
+        )
+    )
+
+
+def optim_cfg():
+    c = default.get_config().optim
+    c.learning_rate, c.warmup_steps = 1e-2, 1  # big enough steps for differences to show
+    return c
+
+
+def make_batch(seed, rows=BATCH):
+    ids = np.random.default_rng(seed).integers(0, CFG.vocab_size, (rows, SEQ)).astype(np.int32)
+    return dict(
+        input_ids=ids,
+        loss_mask=np.ones_like(ids),
+        segment_ids=np.ones_like(ids),
+        positions=np.broadcast_to(np.arange(SEQ, dtype=np.int32), (rows, SEQ)).copy(),
+    )
+
+
+def spec_of(spec, ndim):
+    """PartitionSpec as a JSON list padded with None to the array's rank."""
+    parts = [list(p) if isinstance(p, tuple) else p for p in spec]
+    return parts + [None] * (ndim - len(parts))
+
+
+def spec_report(tree, mesh):
+    """name -> [actual spec, spec the rules give] for every Variable leaf of `tree`
+    (an nnx.State or an optimizer state holding Variables)."""
+    out = {}
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
+    for path, var in leaves:
+        if not isinstance(var, nnx.Variable):
+            continue  # step counters
+        name = optim.tree_path_str(path)
+        value = var[...]
+        expected = sharding.logical_spec(
+            var.get_metadata()["logical_axes"], RULES, value.shape, mesh, name
+        )
+        out[name] = [spec_of(value.sharding.spec, value.ndim), spec_of(expected, value.ndim)]
+    return out
+
+
+def run(method, mesh_shape):
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    mask = peft.apply_method(model, peft_cfg(method), seed=0)
+    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
+    tx = optim.make_optimizer(optim_cfg(), 10)
+    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state_sh = sharding.tree_shardings(state, mesh, RULES)
+    frozen_sh = sharding.tree_shardings(frozen, mesh, RULES)
+    state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
+    step = jax.jit(
+        steps.make_train_step(graphdef, tx),
+        donate_argnums=0,
+        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+    )
+    losses = []
+    for i in range(N_STEPS):
+        batch = sharding.put_batch(make_batch(i), mesh)
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    params_np = {masks.path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
+    specs = {
+        "params": spec_report(state.params, mesh),
+        "frozen": spec_report(frozen, mesh),
+        "opt_state": spec_report(state.opt_state, mesh),
+    }
+    return losses, params_np, specs
+
+
+def batch_report(mesh_shape):
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+    ids = sharding.put_batch(make_batch(0), mesh)["input_ids"]
+    rows = sorted({s.index[0].start or 0 for s in ids.addressable_shards})
+    report = {
+        "spec": spec_of(ids.sharding.spec, ids.ndim),
+        "shard_shapes": sorted({tuple(s.data.shape) for s in ids.addressable_shards}),
+        "row_starts": rows,
+    }
+    try:
+        sharding.put_batch(make_batch(0, rows=BATCH - 2), mesh)
+        report["error"] = None
+    except FtlibError as e:
+        report["error"] = str(e)
+    return report
+
+
+def main(out_dir):
+    assert jax.device_count() == 8, jax.devices()
+    results = {"runs": {}, "batch": {}}
+    arrays = {}
+    for method in METHODS:
+        for mesh_shape in MESHES:
+            key = f"{method}/{','.join(map(str, mesh_shape))}"
+            losses, params_np, specs = run(method, mesh_shape)
+            results["runs"][key] = {"losses": losses, "specs": specs}
+            arrays.update({f"{key}|{name}": v for name, v in params_np.items()})
+    for mesh_shape in MESHES[1:]:
+        results["batch"][",".join(map(str, mesh_shape))] = batch_report(mesh_shape)
+    np.savez(os.path.join(out_dir, "params.npz"), **arrays)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
