@@ -1,0 +1,181 @@
+"""Train-step time of ftlib on fixed Llama workloads; writes JSON.
+
+  python benchmarks/step_time.py --out=benchmarks/step_time.json
+  python benchmarks/step_time.py --workloads=llama-tiny --modes=lora --out=/tmp/t.json
+
+Each (workload, mode) runs in a fresh process: 3 warm-up steps, then 10 timed
+steps, each synchronised on the loss. Reported: median step seconds, tokens/s,
+compile seconds (first step - median), peak RSS, model FLOPs per step, achieved
+GFLOP/s and the GEMM peak measured in the same process (a jitted fp32 matmul of
+the model's largest shape). Comparison against HF PEFT is not implemented yet.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    # name: (vocab, hidden, intermediate, layers, heads, batch, seq)
+    "llama-tiny": (8192, 256, 688, 4, 4, 8, 256),
+    "llama-small": (32000, 512, 1376, 8, 8, 4, 512),
+}
+MODES = ("full", "lora")
+WARMUP, TIMED = 3, 10
+
+
+def model_flops(vocab, d, f, layers, batch, seq, trainable_matmul_params):
+    """Matmul FLOPs of one step: forward 2NT, backward 2NT for activations plus
+    2N_train T for trainable weights; attention scores and values 4 B T^2 D per
+    layer forward, twice that backward."""
+    tokens = batch * seq
+    n = layers * (4 * d * d + 3 * d * f) + vocab * d  # projections + LM head
+    dense = (4 * n + 2 * trainable_matmul_params) * tokens
+    attention = 3 * 4 * batch * seq * seq * d * layers
+    return dense + attention
+
+
+def run_one(workload: str, mode: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+    from flax import nnx
+
+    from ftlib import optim, peft, steps
+    from ftlib.models.llama import Llama, LlamaConfig
+
+    vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=f,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=d // heads,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_embeddings=False,
+    )
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    peft_cfg = ml_collections.ConfigDict(
+        dict(
+            method=mode,
+            freeze=(),
+            trainable=(),
+            lora=dict(
+                rank=8,
+                alpha=16.0,
+                dropout=0.0,
+                rslora=False,
+                target_modules=r".*/(q|k|v|o|gate|up|down)_proj",
+            ),
+        )
+    )
+    mask = peft.apply_method(model, peft_cfg)
+    optim_cfg = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-4,
+            warmup_steps=0,
+            end_lr_ratio=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            no_decay="",
+            grad_clip_norm=0.0,
+            grad_accum_steps=1,
+        )
+    )
+    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
+    tx = optim.make_optimizer(optim_cfg, WARMUP + TIMED)
+    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
+    ids = np.random.default_rng(1234).integers(0, vocab, (WARMUP + TIMED, batch, seq))
+    ones = np.ones((batch, seq), np.int32)
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+    times = []
+    for i in range(WARMUP + TIMED):
+        b = dict(
+            input_ids=ids[i].astype(np.int32), loss_mask=ones, segment_ids=ones, positions=positions
+        )
+        start = time.perf_counter()
+        state, metrics = step(state, frozen, b)
+        metrics["loss"].block_until_ready()
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times[WARMUP:]))
+
+    big = max([(d, f), (d, vocab)], key=lambda s: s[0] * s[1])
+    x, w = jnp.ones((batch * seq, big[0])), jnp.ones(big)
+    gemm = jax.jit(jnp.dot)
+    gemm(x, w).block_until_ready()
+    gemm_times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        gemm(x, w).block_until_ready()
+        gemm_times.append(time.perf_counter() - start)
+    gemm_peak = 2 * batch * seq * big[0] * big[1] / float(np.median(gemm_times)) / 1e9
+
+    trainable_matmul = sum(
+        n
+        for p, n in ((p, int(np.prod(s))) for p, s in mask.shapes.items())
+        if mask.trainable[p] and not p.endswith(("scale", "bias", "embedding"))
+    )
+    flops = model_flops(vocab, d, f, layers, batch, seq, trainable_matmul)
+    return {
+        "stack": "ftlib",
+        "workload": workload,
+        "mode": mode,
+        "median_step_s": median,
+        "tokens_per_s": batch * seq / median,
+        "compile_s": times[0] - median,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params_total": mask.count(),
+        "params_trainable": mask.count(True),
+        "model_flops_per_step": flops,
+        "gflops_per_s": flops / median / 1e9,
+        "gemm_peak_gflops": gemm_peak,
+        "step_times_s": times,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", default="")
+    parser.add_argument("--run", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(*args.run)))
+        return
+    records = []
+    for workload in args.workloads.split(","):
+        for mode in args.modes.split(","):
+            out = subprocess.run(
+                [sys.executable, __file__, "--run", workload, mode],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode:
+                sys.exit(f"{workload}/{mode} failed:\n{out.stderr[-3000:]}")
+            record = json.loads(out.stdout.strip().splitlines()[-1])
+            records.append(record)
+            print(
+                f"{workload:12s} {mode:5s} {record['median_step_s']:.3f} s/step "
+                f"{record['tokens_per_s']:8.0f} tok/s  compile {record['compile_s']:.1f} s  "
+                f"{record['gflops_per_s']:.0f} GFLOP/s "
+                f"({record['gflops_per_s'] / record['gemm_peak_gflops']:.0%} of GEMM)  "
+                f"params {record['params_trainable']:,}/{record['params_total']:,}"
+            )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
