@@ -6,12 +6,18 @@ mask, device_put with shardings, jit with in/out shardings and donation), and
 compares with the same run on a one-device mesh. Prints one JSON object; the
 trained params go to OUT_DIR/params.npz for the test to compare.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_check.py OUT_DIR
+  PYTHONPATH=. python tests/multidevice_check.py OUT_DIR
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Fewer XLA:CPU optimisation passes compile ~2x faster, same fp32 results within 1e-6.
+XLA_FLAGS = (
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true"
+)
+if __name__ == "__main__":  # imported by the test for its constants: leave its jax alone
+    os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -62,7 +68,9 @@ def peft_cfg(method):
 
 def optim_cfg():
     c = default.get_config().optim
-    c.learning_rate, c.warmup_steps = 1e-2, 1  # big enough steps for differences to show
+    # No warmup (its first lr is 0): every step moves every param. A larger lr makes
+    # Adam amplify fp32 reduction-order noise in near-zero grads past 1e-5.
+    c.learning_rate, c.warmup_steps = 1e-3, 0
     return c
 
 
@@ -142,7 +150,7 @@ def batch_report(mesh_shape):
         "row_starts": rows,
     }
     try:
-        sharding.put_batch(make_batch(0, rows=BATCH - 2), mesh)
+        sharding.put_batch(make_batch(0, rows=7), mesh)  # 7 rows divide no data x fsdp > 1
         report["error"] = None
     except FtlibError as e:
         report["error"] = str(e)
