@@ -14,11 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ftlib.errors import FtlibError
+from ftlib.masks import tree_path_str
 
 
 def param_shapes(params) -> dict[str, list[int]]:
-    from ftlib.optim import tree_path_str
-
     return {
         tree_path_str(p): list(np.shape(x))
         for p, x in jax.tree_util.tree_flatten_with_path(params)[0]

@@ -22,6 +22,13 @@ def path_str(path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def tree_path_str(path) -> str:
+    """'blocks/attn/q_proj/kernel' for a jax key path into an nnx.State (the
+    trailing '.value' of each Variable dropped)."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mask:
     trainable: dict[str, bool]  # param path -> trainable, in model order

@@ -10,6 +10,8 @@ import re
 import jax
 import optax
 
+from ftlib.masks import tree_path_str
+
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -32,13 +34,6 @@ def decay_mask(no_decay_regex: str):
         )
 
     return mask_fn
-
-
-def tree_path_str(path) -> str:
-    """'blocks/attn/q_proj/kernel' for a jax key path into an nnx.State (the
-    trailing '.value' of each Variable dropped)."""
-    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:

@@ -18,6 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftlib.errors import FtlibError
+from ftlib.masks import tree_path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Mesh axes that split the batch dimension.
@@ -81,7 +82,7 @@ def tree_shardings(tree, mesh: Mesh, rules):
     def shard(path, x):
         if isinstance(x, nnx.Variable):
             axes = x.get_metadata().get("logical_axes")
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            name = tree_path_str(path)
             if axes is None:
                 raise FtlibError(f"param {name} has no logical_axes metadata")
             return x.replace(NamedSharding(mesh, logical_spec(axes, rules, x.shape, mesh, name)))
@@ -116,6 +117,5 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 def summary(tree_of_shardings) -> str:
     lines = []
     for path, s in jax.tree_util.tree_flatten_with_path(tree_of_shardings)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        lines.append(f"  {name.removesuffix('/value')}: {s.spec}")
+        lines.append(f"  {tree_path_str(path)}: {s.spec}")
     return "\n".join(lines)
