@@ -90,9 +90,8 @@ def run_one(workload: str, mode: str) -> dict:
             grad_accum_steps=1,
         )
     )
-    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
     tx = optim.make_optimizer(optim_cfg, WARMUP + TIMED)
-    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
     step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
     ids = np.random.default_rng(1234).integers(0, vocab, (WARMUP + TIMED, batch, seq))
     ones = np.ones((batch, seq), np.int32)

@@ -20,6 +20,13 @@ class TrainState:
     opt_state: optax.OptState
 
 
+def init_train_state(model: nnx.Module, mask, tx: optax.GradientTransformation):
+    """Splits `model` by its trainable `mask` -> (graphdef, TrainState at step 0
+    holding the trainable params and their optimizer state, frozen params)."""
+    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), frozen
+
+
 def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0):
     """Sums of masked next-token NLL, correct predictions and target count.
 

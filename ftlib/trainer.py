@@ -15,9 +15,7 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from ftlib import data, peft, sharding
@@ -25,7 +23,7 @@ from ftlib.checkpoint import Checkpointer
 from ftlib.metrics import MetricsLogger, read_metrics, save_config
 from ftlib.models import build_model
 from ftlib.optim import make_optimizer
-from ftlib.steps import TrainState, make_eval_step, make_train_step
+from ftlib.steps import init_train_state, make_eval_step, make_train_step
 
 
 class _StopSignal:
@@ -144,10 +142,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mask = peft.apply_method(model, config.peft, config.seed)
     print(mask.table())
 
-    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
-    del model
     tx = make_optimizer(config.optim, config.max_steps)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    graphdef, state, frozen = init_train_state(model, mask, tx)
+    del model
     state_sh = sharding.tree_shardings(state, mesh, rules)
     frozen_sh = sharding.tree_shardings(frozen, mesh, rules)
     print(f"mesh: {dict(mesh.shape)}\nparam shardings:\n{sharding.summary(state_sh.params)}")

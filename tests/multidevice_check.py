@@ -23,7 +23,6 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -114,9 +113,8 @@ def run(method, mesh_shape):
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
     model = Llama(CFG, rngs=nnx.Rngs(0))
     mask = peft.apply_method(model, peft_cfg(method), seed=0)
-    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
     tx = optim.make_optimizer(optim_cfg(), 10)
-    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
     state_sh = sharding.tree_shardings(state, mesh, RULES)
     frozen_sh = sharding.tree_shardings(frozen, mesh, RULES)
     state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)

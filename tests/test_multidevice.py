@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -80,11 +79,10 @@ def _initial_params(method):
 def _train(method, grad_accum, batches):
     model = Llama(check.CFG, rngs=nnx.Rngs(0))
     mask = peft.apply_method(model, check.peft_cfg(method), seed=0)
-    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
     cfg = check.optim_cfg()
     cfg.grad_accum_steps = grad_accum
     tx = optim.make_optimizer(cfg, 10)
-    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
     step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
     losses = []
     for batch in batches:

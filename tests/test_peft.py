@@ -82,9 +82,8 @@ def lora_count(cfg, r):
 
 
 def train(model, mask, n_steps=3):
-    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
     tx = optim.make_optimizer(optim_cfg(), 10)
-    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
     step = jax.jit(steps.make_train_step(graphdef, tx))
     for i in range(n_steps):
         state, _ = step(state, frozen, batch(i))

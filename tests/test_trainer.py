@@ -10,10 +10,8 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import tiny
 from ftlib import data, optim, peft, steps
@@ -38,9 +36,8 @@ def test_tiny_overfits_one_batch():
     model, tokenizer = build_model(c.model, c.seed)
     task = data.load_task(c.data, tokenizer)
     mask = peft.apply_method(model, c.peft)
-    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
     tx = optim.make_optimizer(c.optim, 100)
-    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
     step = jax.jit(steps.make_train_step(graphdef, tx))
     batch = next(task.train_iterator(c.data.batch_size))
     for _ in range(100):
