@@ -1,4 +1,4 @@
-"""Building blocks shared by the models: Linear, RMSNorm, Embed, RoPE.
+"""Building blocks shared by the models: Linear, RMSNorm, Embed, RoPE, attention.
 
 Every parameter carries `logical_axes` metadata (MaxText style): names such as
 'embed', 'mlp', 'heads', 'vocab'. ftlib.sharding maps them to mesh axes through
@@ -110,3 +110,16 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
     rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
     cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
     return (x_BTNH * cos + rotated * sin).astype(x_BTNH.dtype)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Softmax attention where N query heads share K key/value heads in groups of
+    N // K (GQA; K == N is plain multi-head). mask_BTS: query t may see key s."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) * (H**-0.5)
+    scores = jnp.where(mask_BTS[:, None, None], scores.astype(jnp.float32), -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)

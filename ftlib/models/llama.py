@@ -12,10 +12,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from ftlib.errors import FtlibError
-from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_tables
+from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, attention, rope_tables
 
 REMAT_POLICIES = {
     "none": None,
@@ -89,20 +89,25 @@ class Attention(nnx.Module):
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), rngs=rngs, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None, kv=None):
+        """kv: None (attend over this call's T tokens) or (k_BSKH, v_BSKH, index), a
+        buffer of S slots (prefix key/values, earlier tokens) that this call's keys
+        and values are written into at slot `index` before attending over all S.
+        Returns (out_BTD, the updated (k, v) buffers or None)."""
         B, T, _ = x_BTD.shape
-        K, G, H = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        K, N, H = self.num_kv_heads, self.num_heads, self.head_dim
         keys = _split(rng, 4)
-        q = self.q_proj(x_BTD, rng=keys[0]).reshape(B, T, K * G, H)
+        q = self.q_proj(x_BTD, rng=keys[0]).reshape(B, T, N, H)
         k = self.k_proj(x_BTD, rng=keys[1]).reshape(B, T, K, H)
         v = self.v_proj(x_BTD, rng=keys[2]).reshape(B, T, K, H)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q_BTKGH = q.reshape(B, T, K, G, H)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k) * (H**-0.5)
-        scores = jnp.where(mask_BTS[:, None, None], scores.astype(jnp.float32), -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-        return self.o_proj(out_BTKGH.reshape(B, T, K * G * H), rng=keys[3])
+        if kv is not None:
+            k_buf, v_buf, index = kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_buf, v.astype(v_buf.dtype), index, axis=1)
+        out_BTNH = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
+        out = self.o_proj(out_BTNH.reshape(B, T, N * H), rng=keys[3])
+        return out, None if kv is None else (k, v)
 
 
 class MLP(nnx.Module):
@@ -144,13 +149,31 @@ class Block(nnx.Module):
         )
         self.mlp = MLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None, kv=None):
         keys = _split(rng, 2)
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, rng=keys[0])
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD), rng=keys[1])
+        a_BTD, kv = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, rng=keys[0], kv=kv)
+        x_BTD = x_BTD + a_BTD
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD), rng=keys[1]), kv
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of every layer for S slots: [prefix | soft prompt | input | new tokens]."""
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    valid_BS: jax.Array  # slot holds a key to attend to (not padding, not yet written)
+    index: jax.Array  # next slot to write (int32 scalar)
+    offset: jax.Array  # virtual tokens (prefix + soft prompt) that shift input positions
 
 
 class Llama(nnx.Module):
+    """Two optional PEFT hooks, None unless a method installs them:
+    `prefix() -> (k_LPKH, v_LPKH)`: per-layer keys/values that every real token
+    attends to (no RoPE on them; real positions shift by P, as in HF PEFT);
+    `prompt() -> soft_ND`: embeddings prepended to the input (positions shift by N).
+    Either way the outputs and labels cover only the T input positions."""
+
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -169,40 +192,112 @@ class Llama(nnx.Module):
                 dtype=dt,
             )
         )
+        self.prefix = None
+        self.prompt = None
 
     def hidden(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, *, rng=None):
         """Final-norm hidden states [B, T, D]. segment_ids 0 = padding; tokens attend
         causally within their own segment only (packed rows stay independent)."""
+        return self.prefill(input_ids_BT, positions_BT, segment_ids_BT, rng=rng)[0]
+
+    def prefill(
+        self, input_ids_BT, positions_BT=None, segment_ids_BT=None, extra_slots=0, *, rng=None
+    ):
+        """-> (hidden [B, T, D], KVCache with `extra_slots` free slots, or None when
+        there is neither a prefix nor extra_slots). Virtual tokens (prefix, soft
+        prompt) are visible to every input token, whatever its segment."""
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        causal_TS = jnp.tril(jnp.ones((T, T), bool))
-        mask_BTS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]) & causal_TS
-        cos, sin = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
+        dt = jnp.dtype(self.cfg.dtype)
         h = self.embed(input_ids_BT)
-        h = self._run_blocks(h, cos, sin, mask_BTS, rng)
-        return self.final_norm(h)
+        kv, P, N = None, 0, 0
+        if self.prefix is not None:
+            k_LPKH, v_LPKH = self.prefix()
+            P = k_LPKH.shape[1]
+        if self.prompt is not None:
+            soft_ND = self.prompt().astype(dt)
+            N = soft_ND.shape[0]
+            h = jnp.concatenate([jnp.broadcast_to(soft_ND, (B, *soft_ND.shape)), h], axis=1)
+        # Soft tokens: segment -1, positions 0..N-1, visible to every later query.
+        soft_BN = jnp.full((B, N), -1, segment_ids_BT.dtype)
+        seg_BQ = jnp.concatenate([soft_BN, segment_ids_BT], axis=1)
+        soft_pos_BN = jnp.broadcast_to(jnp.arange(N, dtype=positions_BT.dtype), (B, N))
+        pos_BQ = jnp.concatenate([soft_pos_BN, positions_BT + N], axis=1)
+        Q = N + T
+        causal_QQ = jnp.tril(jnp.ones((Q, Q), bool))
+        mask_BQQ = causal_QQ & (
+            (seg_BQ[:, :, None] == seg_BQ[:, None, :]) | (seg_BQ == -1)[:, None]
+        )
+        cos, sin = rope_tables(pos_BQ + P, self.cfg.head_dim, self.cfg.rope_theta)
+        if P or extra_slots:
+            S, L = P + Q + extra_slots, self.cfg.num_layers
+            shape = (L, B, S, self.cfg.num_kv_heads, self.cfg.head_dim)
+            k_buf, v_buf = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+            if P:
+                k_buf = k_buf.at[:, :, :P].set(k_LPKH[:, None].astype(dt))
+                v_buf = v_buf.at[:, :, :P].set(v_LPKH[:, None].astype(dt))
+            kv = (k_buf, v_buf, P)
+            mask_BQS = jnp.concatenate(
+                [
+                    jnp.ones((B, Q, P), bool),
+                    mask_BQQ,
+                    jnp.zeros((B, Q, extra_slots), bool),
+                ],
+                axis=2,
+            )
+        else:
+            mask_BQS = mask_BQQ
+        h, kv = self._run_blocks(h, cos, sin, mask_BQS, rng, kv)
+        h = self.final_norm(h[:, N:])
+        if kv is None:
+            return h, None
+        valid_BS = jnp.concatenate(
+            [jnp.ones((B, P), bool), seg_BQ != 0, jnp.zeros((B, extra_slots), bool)], axis=1
+        )
+        return h, KVCache(*kv, valid_BS, jnp.asarray(P + Q, jnp.int32), jnp.asarray(P + N))
 
-    def _run_blocks(self, h, cos, sin, mask_BTS, rng):
+    def decode(self, input_ids_BT, positions_BT, cache: KVCache):
+        """Appends T tokens (input positions, as in `prefill`) at cache.index; they
+        attend to the valid cache slots and causally to each other.
+        -> (hidden [B, T, D], updated cache)."""
+        B, T = input_ids_BT.shape
+        S = cache.valid_BS.shape[1]
+        slots_S = jnp.arange(S)
+        new_S = (slots_S >= cache.index) & (slots_S < cache.index + T)
+        valid_BS = cache.valid_BS | new_S
+        causal_TS = slots_S[None, :] <= cache.index + jnp.arange(T)[:, None]
+        cos, sin = rope_tables(positions_BT + cache.offset, self.cfg.head_dim, self.cfg.rope_theta)
+        kv = (cache.k_LBSKH, cache.v_LBSKH, cache.index)
+        h = self.embed(input_ids_BT)
+        h, kv = self._run_blocks(h, cos, sin, valid_BS[:, None, :] & causal_TS, None, kv)
+        return self.final_norm(h), KVCache(*kv, valid_BS, cache.index + T, cache.offset)
+
+    def _run_blocks(self, h, cos, sin, mask_BTS, rng, kv=None):
+        """-> (h, stacked (k, v) buffers or None); kv = (k_LBSKH, v_LBSKH, index)."""
         graphdef, state = nnx.split(self.blocks)
         L = self.cfg.num_layers
         keys = jax.random.split(rng, L) if rng is not None else None
+        buffers, index = (None, None) if kv is None else (kv[:2], kv[2])
 
         def body(h, layer):
-            layer_state, key = layer
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask_BTS, rng=key), None
+            layer_state, key, layer_kv = layer
+            block = nnx.merge(graphdef, layer_state)
+            layer_kv = None if layer_kv is None else (*layer_kv, index)
+            return block(h, cos, sin, mask_BTS, rng=key, kv=layer_kv)
 
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy)
         if self.cfg.scan_layers:
-            return jax.lax.scan(body, h, (state, keys), unroll=self.cfg.scan_unroll)[0]
+            return jax.lax.scan(body, h, (state, keys, buffers), unroll=self.cfg.scan_unroll)
+        outs = []
         for i in range(L):
-            layer = jax.tree.map(lambda x: x[i], (state, keys))
-            h = body(h, layer)[0]
-        return h
+            h, out = body(h, jax.tree.map(lambda x: x[i], (state, keys, buffers)))
+            outs.append(out)
+        return h, None if kv is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
     def logits(self, h_BTD):
         if self.lm_head is None:
