@@ -44,7 +44,7 @@ def get_config(arg=None):
     c.model.remat = "none"  # 'none' | 'full' | 'save_dots': per-block rematerialisation
 
     c.peft = ml_collections.ConfigDict()
-    c.peft.method = "lora"  # see ftlib.peft.METHODS
+    c.peft.method = "lora"  # see ftlib.peft.METHODS; '+' composes ('lora+prompt')
     c.peft.freeze = ()  # regexes over param paths frozen first (e.g. 'embed/.*')
     c.peft.trainable = ()  # regexes made trainable before the method's own rules
     c.peft.lora = ml_collections.ConfigDict()
@@ -55,6 +55,37 @@ def get_config(arg=None):
     )
     c.peft.lora.rslora = False
     c.peft.lora.target_modules = r".*/(q|k|v|o|gate|up|down)_proj"  # module paths to adapt
+    # DoRA: LoRA on the direction + a trainable magnitude per output feature.
+    c.peft.dora = ml_collections.ConfigDict()
+    c.peft.dora.rank = 8
+    c.peft.dora.alpha = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with rslora)
+    c.peft.dora.dropout = 0.0  # on the adapter input, training only
+    c.peft.dora.rslora = False
+    c.peft.dora.target_modules = r".*/(q|k|v|o|gate|up|down)_proj"  # module paths to adapt
+    # (IA)^3: learned scaling vectors (init 1) on activations.
+    c.peft.ia3 = ml_collections.ConfigDict()
+    c.peft.ia3.target_modules = r".*/(k|v|down)_proj"  # Linears whose activations are scaled
+    c.peft.ia3.feedforward_modules = r".*/down_proj"  # of those, scale the input, not the output
+    # Bottleneck adapters on sublayer outputs, before the residual add.
+    c.peft.adapter = ml_collections.ConfigDict()
+    c.peft.adapter.bottleneck = 16  # hidden width of each adapter (d -> bottleneck -> d)
+    c.peft.adapter.activation = "relu"  # 'relu' | 'gelu' | 'silu'
+    c.peft.adapter.placement = "houlsby"  # 'houlsby': after attention and MLP; 'pfeiffer': MLP
+    c.peft.adapter.attn_output = r".*/attn/o_proj"  # the attention output projection(s)
+    c.peft.adapter.mlp_output = r".*/mlp/down_proj"  # the MLP output projection(s)
+    # BitFit: biases only (Llama has none: use include_norms).
+    c.peft.bitfit = ml_collections.ConfigDict()
+    c.peft.bitfit.include_norms = False  # also train norm scales (the bias-free variant)
+    c.peft.bitfit.norm_params = r".*norm/scale"  # which params are norm scales
+    # Prefix tuning: trainable key/value vectors in front of every layer's attention.
+    c.peft.prefix = ml_collections.ConfigDict()
+    c.peft.prefix.num_virtual_tokens = 16  # P prefix vectors per layer (and kv head)
+    c.peft.prefix.projection = False  # train through PEFT's tanh MLP (fold it for inference)
+    c.peft.prefix.projection_hidden = 0  # that MLP's width; 0 = kv_heads * head_dim (PEFT's)
+    # Prompt tuning: trainable soft tokens prepended to the input embeddings.
+    c.peft.prompt = ml_collections.ConfigDict()
+    c.peft.prompt.num_virtual_tokens = 16  # N soft tokens
+    c.peft.prompt.init_token_ids = ()  # token ids (of a text) to init from; () = random vocab
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 5e-4  # peak, after linear warmup
@@ -122,6 +153,9 @@ def get_config(arg=None):
         ("kv", "tensor"),
         ("norm", None),
         ("lora_rank", None),
+        ("adapter", None),  # bottleneck adapters' hidden dim: small, replicated
+        ("prefix", None),  # prefix tuning's virtual tokens
+        ("prompt", None),  # prompt tuning's soft tokens
     )
     return c
 

@@ -1,8 +1,11 @@
 """PEFT methods: each is model surgery + ordered trainable rules.
 
 A method module exposes `apply(model, cfg, rngs)` (in-place surgery; `cfg` is
-`config.peft`) and `TRAINABLE_RULES`, ordered (regex over the param path,
-trainable) pairs; the first match wins. Adding a method = one file + one line.
+`config.peft`), `TRAINABLE_RULES`, ordered (regex over the param path,
+trainable) pairs where the first match wins (or a function of `config.peft`
+returning them, when options change them), and `OPTIONS`, the fields of its
+`config.peft.<name>` block. Adding a method = one file + one line.
+Methods compose: 'lora+prompt' (see ftlib.peft.compose).
 """
 
 from __future__ import annotations
@@ -10,29 +13,48 @@ from __future__ import annotations
 from flax import nnx
 
 from ftlib import masks
-from ftlib.errors import FtlibError
-from ftlib.peft import full, lora
+from ftlib.peft import adapter, bitfit, compose, dora, full, ia3, lora, prefix, prompt
+from ftlib.peft.merge import merge, unmerge  # noqa: F401 (the package API)
 
 METHODS = {
     "full": full,
     "lora": lora,
+    "dora": dora,
+    "ia3": ia3,
+    "adapter": adapter,
+    "bitfit": bitfit,
+    "prefix": prefix,
+    "prompt": prompt,
 }
 
 
-def get_method(name: str):
-    if name not in METHODS:
-        raise FtlibError(f"unknown peft.method {name!r}; known: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+def selected_methods(peft_cfg) -> dict:
+    """peft.method ('lora' or 'lora+prompt') -> {name: module}, in order."""
+    return {n: METHODS[n] for n in compose.method_names(peft_cfg.method, METHODS)}
+
+
+def check_config(peft_cfg, defaults=None) -> None:
+    """Raises on unknown methods and missing, unknown or (given the default
+    config's `peft` as `defaults`) inapplicable options."""
+    compose.check_options(peft_cfg, selected_methods(peft_cfg), defaults)
 
 
 def apply_method(model: nnx.Module, peft_cfg, seed: int = 0) -> masks.Mask:
-    """Runs the method's surgery on `model` and returns its trainable mask.
-    User rules come first: `peft.freeze` regexes freeze, `peft.trainable` unfreeze."""
-    method = get_method(peft_cfg.method)
-    method.apply(model, peft_cfg, nnx.Rngs(seed))
+    """Runs each selected method's surgery on `model`, in order, and returns the
+    trainable mask. User rules come first: `peft.freeze` regexes freeze,
+    `peft.trainable` unfreeze; then a param trains if any method's rules say so."""
+    methods = selected_methods(peft_cfg)
+    check_config(peft_cfg)
+    rngs = nnx.Rngs(seed)
+    for method in methods.values():
+        method.apply(model, peft_cfg, rngs)
+    tables = [
+        m.TRAINABLE_RULES(peft_cfg) if callable(m.TRAINABLE_RULES) else m.TRAINABLE_RULES
+        for m in methods.values()
+    ]
     rules = (
         [(r, False) for r in peft_cfg.freeze]
         + [(r, True) for r in peft_cfg.trainable]
-        + list(method.TRAINABLE_RULES)
+        + compose.method_rules(model, tables)
     )
     return masks.build_mask(model, rules)

@@ -6,3 +6,5 @@ def apply(model, cfg, rngs) -> None:
 
 
 TRAINABLE_RULES = ((r".*", True),)
+
+OPTIONS = ()  # no config.peft.full block

@@ -1,7 +1,8 @@
 """LoRA (Hu et al. 2021): y = x W + scale * dropout(x) A^T B, B zero-initialised.
 
 Surgery wraps every Linear whose module path matches `target_modules`; the
-wrapped layer keeps its base kernel (frozen by the mask) under `base`.
+wrapped layer keeps its base kernel (frozen by the mask) under `base`. The
+wrapper is mergeable (see ftlib.peft.merge): `merged_kernel()` is W + scale A^T B.
 """
 
 from __future__ import annotations
@@ -44,20 +45,37 @@ class LoRALinear(nnx.Module):
         self.dropout = dropout
 
     def __call__(self, x, rng=None):
-        y = self.base(x)
-        if self.dropout > 0 and rng is not None:
-            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        return self.base(x) + self.lora_path(dropout(x, self.dropout, rng))
+
+    def lora_path(self, x):
+        """scale * x A^T B for the (already dropped-out) input x."""
         dt = self.base.dtype
         # Scale the rank-r intermediate, not the d_out-wide output: one small multiply.
         h = jnp.einsum("...d,rd->...r", x.astype(dt), self.lora_a[...].astype(dt)) * self.scale
-        return y + jnp.dot(h, self.lora_b[...].astype(dt))
+        return jnp.dot(h, self.lora_b[...].astype(dt))
+
+    def delta_kernel(self):
+        """scale A^T B, [*layers, in, out] like the base kernel."""
+        return self.scale * (jnp.swapaxes(self.lora_a[...], -1, -2) @ self.lora_b[...])
 
     def merged_kernel(self):
         """W + scale A^T B: the kernel of an equivalent plain Linear."""
-        return self.base.kernel[...] + self.scale * (
-            jnp.swapaxes(self.lora_a[...], -1, -2) @ self.lora_b[...]
-        )
+        return self.base.kernel[...] + self.delta_kernel()
+
+    def merged_bias(self):
+        return None if self.base.bias is None else self.base.bias[...]
+
+    def unmerged(self, kernel, bias):
+        """Inverse of (merged_kernel, merged_bias): the base kernel and bias."""
+        return kernel - self.delta_kernel(), bias
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout on the adapter input; identity at eval (no rng) or rate 0."""
+    if rate == 0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
@@ -70,6 +88,8 @@ def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
         ),
     )
 
+
+OPTIONS = ("rank", "alpha", "dropout", "rslora", "target_modules")
 
 # Only the adapter factors train; anything else the user marks in peft.trainable.
 TRAINABLE_RULES = ((r".*/lora_(a|b)$", True), (r".*", False))

@@ -32,8 +32,13 @@ def replace_modules(model: nnx.Module, pattern: str, kind: type, make: Callable)
             f"modules are: {', '.join(candidates)}"
         )
     for path, old in found:
-        parent = model
-        for part in path[:-1]:
-            parent = getattr(parent, part)
-        setattr(parent, path[-1], make(old))
+        set_module(model, path, make(old))
     return [module_path(p) for p, _ in found]
+
+
+def set_module(model: nnx.Module, path, module: nnx.Module) -> None:
+    """Puts `module` at `path` (a tuple of attribute names) inside `model`."""
+    parent = model
+    for part in path[:-1]:
+        parent = getattr(parent, part)
+    setattr(parent, path[-1], module)
