@@ -267,7 +267,7 @@ def test_gguf_unsupported_arch(tmp_path):
     w.close()
     with pytest.raises(
         UnsupportedArchitectureError,
-        match="holds a 'gpt2' model; supported architectures: llama, bert",
+        match="holds a 'gpt2' model; supported architectures: llama, mistral, qwen2, bert",
     ):
         load_pretrained(str(tmp_path / "gpt2.gguf"))
 
@@ -345,7 +345,7 @@ def test_hf_folder_errors(tmp_path):
     _hf_folder(tmp_path / "t5", model_type="t5")
     with pytest.raises(
         UnsupportedArchitectureError,
-        match="holds a 't5' model; supported architectures: llama, bert",
+        match="holds a 't5' model; supported architectures: llama, mistral, qwen2, bert",
     ):
         load_pretrained(str(tmp_path / "t5"))
     (tmp_path / "weights.bin").write_bytes(b"")

@@ -8,8 +8,10 @@ from ftlib.hf.checkpoint_source import (
 )
 from ftlib.hf.gguf import load_gguf
 from ftlib.hf.hf_folder import load_hf_folder
+from ftlib.hf.llama_family import LLAMA_FAMILY
 
 __all__ = [
+    "LLAMA_FAMILY",
     "CheckpointError",
     "PretrainedSource",
     "UnsupportedArchitectureError",

@@ -8,7 +8,8 @@ import transformers
 
 from ftlib.errors import FtlibError
 
-SUPPORTED_ARCHITECTURES = ("llama", "bert")
+# model_type values; llama, mistral and qwen2 share ftlib.models.llama (see llama_family).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "bert")
 
 
 class CheckpointError(FtlibError):

@@ -15,6 +15,7 @@ from ftlib.hf.checkpoint_source import (
     PretrainedSource,
     unsupported,
 )
+from ftlib.hf.llama_family import LLAMA_FAMILY, check_tensors, normalize_config
 
 
 def load_hf_folder(path, weights: bool = True) -> PretrainedSource:
@@ -31,6 +32,8 @@ def load_hf_folder(path, weights: bool = True) -> PretrainedSource:
     arch = config.get("model_type")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise unsupported(arch, f"checkpoint folder {path}")
+    if arch in LLAMA_FAMILY:
+        config = normalize_config(config, f"checkpoint folder {path}")
     tensors = {}
     for shard in _weight_files(path) if weights else ():
         # safetensors only: a .bin checkpoint is a pickle and can run code when loaded.
@@ -39,6 +42,8 @@ def load_hf_folder(path, weights: bool = True) -> PretrainedSource:
             if array.dtype.kind in "iub":
                 continue
             tensors[name] = array.astype(np.float32)
+    if weights and arch in LLAMA_FAMILY:
+        check_tensors(config, tensors, f"checkpoint folder {path}")
     with _hub_offline():
         # trust_remote_code stays off: a folder's own Python never runs here.
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -1,0 +1,95 @@
+"""HF folders saved by transformers' PyTorch models load into ftlib with the same logits
+and loss: GQA, tied and untied embeddings, RoPE bases, Qwen2 q/k/v biases, sharded saves."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import optax  # noqa: E402
+import tiny_hf  # noqa: E402
+
+from ftlib.hf import CheckpointError, UnsupportedArchitectureError, load_pretrained  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("llama", dict(tie_word_embeddings=True, rope_theta=5e5)),  # GQA, tied
+        ("llama", dict(tie_word_embeddings=False, num_key_value_heads=4, head_dim=16)),
+        ("qwen2", dict(tie_word_embeddings=False, rope_theta=1e6)),  # q/k/v biases
+        ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+        ("mistral", dict(tie_word_embeddings=False, rope_theta=2e4, sliding_window=None)),
+    ],
+)
+def test_logits_and_loss_match_transformers(tmp_path, model_type, overrides):
+    hf = tiny_hf.hf_model(model_type, **overrides)
+    tiny_hf.save_hf(hf, tmp_path)
+    model = tiny_hf.ftlib_model(tmp_path)
+    ids = tiny_hf.token_ids(256)
+    ref, ours = tiny_hf.hf_logits(hf, ids), tiny_hf.ftlib_logits(model, ids)
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ref).max() > 0.5  # the logits are not all ~0, so the bound means something
+    with torch.no_grad():
+        hf_loss = hf(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long()).loss
+    ours_loss = optax.softmax_cross_entropy_with_integer_labels(ours[:, :-1], ids[:, 1:]).mean()
+    assert abs(float(ours_loss) - float(hf_loss)) <= 1e-5
+
+
+def test_sharded_save_matches_single_file(tmp_path):
+    hf = tiny_hf.hf_model("llama", tie_word_embeddings=False)
+    tiny_hf.save_hf(hf, tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    ids = tiny_hf.token_ids(256)
+    ours = tiny_hf.ftlib_logits(tiny_hf.ftlib_model(tmp_path / "sharded"), ids)
+    assert np.abs(ours - tiny_hf.hf_logits(hf, ids)).max() <= 1e-4
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_unsupported_features_are_named(tmp_path):
+    tiny_hf.save_hf(tiny_hf.hf_model("llama"), tmp_path)
+    _edit_config(tmp_path, model_type="gemma")
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match="'gemma' model; supported architectures: llama, mistral, qwen2, bert",
+    ):
+        load_pretrained(str(tmp_path))
+    _edit_config(
+        tmp_path,
+        model_type="llama",
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+    )
+    with pytest.raises(CheckpointError, match="RoPE scaling 'linear' is not supported"):
+        load_pretrained(str(tmp_path))
+
+
+def test_llama_attention_bias_is_refused(tmp_path):
+    tiny_hf.save_hf(tiny_hf.hf_model("llama", attention_bias=True), tmp_path)
+    with pytest.raises(CheckpointError, match="q/k/v/o biases\\) is not supported"):
+        load_pretrained(str(tmp_path))
+
+
+def test_wrong_shape_and_missing_tensors_are_named(tmp_path):
+    tiny_hf.save_hf(tiny_hf.hf_model("llama", tie_word_embeddings=False), tmp_path)
+    _edit_config(tmp_path, intermediate_size=48)
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \(64, 32\), "
+        r"the config implies \(48, 32\)",
+    ):
+        load_pretrained(str(tmp_path))
+    _edit_config(tmp_path, intermediate_size=64, num_hidden_layers=3)
+    with pytest.raises(
+        CheckpointError, match="tensor model.layers.2.self_attn.q_proj.weight is missing"
+    ):
+        load_pretrained(str(tmp_path))
+    _edit_config(tmp_path, num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match="tensors a llama model of this config does not use"):
+        load_pretrained(str(tmp_path))
