@@ -4,6 +4,7 @@ import sys
 
 from absl import app, flags, logging
 
+from ftlib import distributed
 from ftlib.errors import FtlibError
 
 
@@ -24,6 +25,7 @@ def run(main):
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         try:
+            distributed.initialize_from_flags()
             main()
         except FtlibError as e:
             sys.exit(f"error: {e}")

@@ -102,7 +102,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host batch -> global arrays split over the batch axes."""
+    """Host global batch -> global arrays split over the batch axes."""
     data_size = math.prod(mesh.shape[a] for a in BATCH_AXES)
     rows = next(iter(batch.values())).shape[0]
     if rows % data_size:
@@ -111,7 +111,13 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
             f"({data_size} = data x fsdp); change data.batch_size or config.mesh"
         )
     sharding = batch_sharding(mesh)
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    # Every process builds the same global batch (deterministic order and padding, so
+    # all agree on its shape) and hands over only the rows its own devices hold: on a
+    # pod each host transfers its shard, never the whole batch.
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+        for k, v in batch.items()
+    }
 
 
 def summary(tree_of_shardings) -> str:
