@@ -1,5 +1,8 @@
 """Pure step functions: the one train step every method uses, and eval steps.
 
+Two objectives share them: 'causal_lm' (masked next-token NLL of a decoder) and
+'sequence_classification' (cross-entropy of an encoder's class logits per row).
+
 State is explicit: `TrainState` holds the trainable params and their optimizer
 state; frozen params travel separately and are never differentiated, so
 gradient work and optimizer memory scale with the trainable count only.
@@ -11,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+
+OBJECTIVES = ("causal_lm", "sequence_classification")
 
 
 @struct.dataclass
@@ -55,24 +60,54 @@ def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0
     }
 
 
+def class_sums(model, batch, row_weight_B=None, rng=None):
+    """Sums of the head's cross-entropy, correct predictions and rows (as `tokens`, the
+    count every objective's metrics divide by) for a sequence classifier."""
+    logits_BC = model(batch["input_ids"], batch["segment_ids"] > 0, rng=rng).astype(jnp.float32)
+    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["label"])
+    correct_B = jnp.argmax(logits_BC, axis=-1) == batch["label"]
+    w_B = jnp.ones_like(nll_B) if row_weight_B is None else row_weight_B
+    return {
+        "nll": jnp.sum(nll_B * w_B),
+        "correct": jnp.sum(correct_B * w_B),
+        "tokens": jnp.sum(w_B),
+    }
+
+
 def _hidden(model, batch, rng=None):
     return model.hidden(batch["input_ids"], batch["positions"], batch["segment_ids"], rng=rng)
 
 
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {OBJECTIVES}")
+
+
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, dropout_seed: int = 0, max_targets: int = 0
+    graphdef,
+    tx: optax.GradientTransformation,
+    dropout_seed: int = 0,
+    max_targets: int = 0,
+    objective: str = "causal_lm",
 ):
-    """(state, frozen, batch) -> (state, metrics). Jit it with the state donated."""
+    """(state, frozen, batch) -> (state, metrics). Jit it with the state donated.
+    Metrics: loss, grad_norm, tokens and token_accuracy (causal_lm) or accuracy."""
+    _check_objective(objective)
     base_key = jax.random.key(dropout_seed)
+    classify = objective == "sequence_classification"
+    accuracy_name = "accuracy" if classify else "token_accuracy"
 
     def train_step(state: TrainState, frozen: nnx.State, batch):
         rng = jax.random.fold_in(base_key, state.step)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
-            sums = next_token_sums(
-                model, _hidden(model, batch, rng), batch, max_targets=max_targets
-            )
+            if classify:
+                sums = class_sums(model, batch, rng=rng)
+            else:
+                sums = next_token_sums(
+                    model, _hidden(model, batch, rng), batch, max_targets=max_targets
+                )
             return sums["nll"] / jnp.maximum(sums["tokens"], 1.0), sums
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -82,23 +117,27 @@ def make_train_step(
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "tokens": sums["tokens"],
-            "token_accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
+            accuracy_name: sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
 
 
-def make_eval_step(graphdef, choice_token_ids=None):
+def make_eval_step(graphdef, choice_token_ids=None, objective: str = "causal_lm"):
     """(params, frozen, batch) -> metric sums over the batch's real rows.
 
-    Classification (choice_token_ids given): the next-token distribution at
-    `choice_pos` scores each label word; `nll` is the gold label word's NLL.
+    sequence_classification: the head's cross-entropy and accuracy (class_sums).
+    Label-word classification (choice_token_ids given): the next-token distribution
+    at `choice_pos` scores each label word; `nll` is the gold label word's NLL.
     Otherwise: masked next-token NLL / accuracy over all completion tokens."""
+    _check_objective(objective)
 
     def eval_step(params, frozen, batch):
         model = nnx.merge(graphdef, params, frozen)
         w_B = batch["weight"]
+        if objective == "sequence_classification":
+            return class_sums(model, batch, w_B)
         if choice_token_ids is None:
             return next_token_sums(model, _hidden(model, batch), batch, w_B)
         h_BTD = _hidden(model, batch)

@@ -46,11 +46,12 @@ class _StopSignal:
 class Evaluator:
     """Jitted evaluation of params on a split; returns host floats."""
 
-    def __init__(self, task, graphdef, param_sh, frozen_sh, mesh, batch_size):
+    def __init__(self, task, graphdef, param_sh, frozen_sh, mesh, batch_size, objective):
         self.task, self.mesh, self.batch_size = task, mesh, batch_size
+        self.objective = objective
         self.classification = task.choice_token_ids is not None
         self.step = jax.jit(
-            make_eval_step(graphdef, task.choice_token_ids),
+            make_eval_step(graphdef, task.choice_token_ids, objective),
             in_shardings=(param_sh, frozen_sh, sharding.batch_sharding(mesh)),
         )
 
@@ -61,6 +62,8 @@ class Evaluator:
         total = {k: float(sum(s[k] for s in jax.device_get(sums))) for k in sums[0]}
         n = max(total["tokens"], 1.0)
         loss = total["nll"] / n
+        if self.objective == "sequence_classification":  # `tokens` counts rows here
+            return {"loss": loss, "accuracy": total["correct"] / n, "examples": int(n)}
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if self.classification:  # label-word likelihood; token_accuracy over the whole vocab
             return {
@@ -72,10 +75,18 @@ class Evaluator:
         return {**metrics, "token_accuracy": total["correct"] / n, "tokens": int(total["tokens"])}
 
 
+def _objective(data_cfg) -> str:
+    """The loss the data asks for: an encoder's class head, or next-token prediction."""
+    if data_cfg.format == "sequence_classification":
+        return "sequence_classification"
+    return "causal_lm"
+
+
 def _max_targets(task, data_cfg) -> int:
     """Static bound on loss tokens per row for the LM head gather; 0 (all
-    positions) when rows are packed or targets are most of the sequence."""
-    if data_cfg.pack:
+    positions) when rows are packed, targets are most of the sequence, or there
+    is no LM head (sequence classification)."""
+    if data_cfg.pack or _objective(data_cfg) != "causal_lm":
         return 0
     most = max(int(e["loss_mask"].sum()) for e in task.examples["train"])
     return most if most <= data_cfg.seq_len // 4 else 0
@@ -98,10 +109,8 @@ class _TrainWindow:
 
     def flush(self, step: int) -> dict:
         values = jax.device_get(self.metrics)
-        logged = {
-            k: float(np.mean([v[k] for v in values]))
-            for k in ("loss", "grad_norm", "token_accuracy")
-        }
+        names = [k for k in values[0] if k != "tokens"]  # the accuracy name follows the objective
+        logged = {k: float(np.mean([v[k] for v in values])) for k in names}
         logged["tokens_per_s"] = self.tokens / max(time.time() - self.since, 1e-9)
         self.logger.write(step, "train", **logged)
         self.restart()
@@ -136,7 +145,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.sharding_rules)
 
-    model, tokenizer = build_model(config.model, config.seed)
+    objective = _objective(config.data)
+    num_labels = len(config.data.label_words) if objective == "sequence_classification" else 0
+    model, tokenizer = build_model(config.model, config.seed, num_labels)
     task = data.load_task(config.data, tokenizer)
     print(f"data: {task.stats}")
     mask = peft.apply_method(model, config.peft, config.seed)
@@ -150,13 +161,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"mesh: {dict(mesh.shape)}\nparam shardings:\n{sharding.summary(state_sh.params)}")
     state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
     train_step = jax.jit(
-        make_train_step(graphdef, tx, config.seed, _max_targets(task, config.data)),
+        make_train_step(graphdef, tx, config.seed, _max_targets(task, config.data), objective),
         donate_argnums=0,
         in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
     )
     evaluate = Evaluator(
-        task, graphdef, state_sh.params, frozen_sh, mesh, config.data.eval_batch_size
+        task, graphdef, state_sh.params, frozen_sh, mesh, config.data.eval_batch_size, objective
     )
 
     ckpt = Checkpointer(workdir, config.checkpoint)

@@ -3,6 +3,7 @@
     task = load_task(data_cfg, tokenizer)   # read the source, split, tokenize
     task.examples["train" | "val" | "test"] # lists of example dicts
     task.choice_token_ids                   # int32[C] for classification, else None
+    task.num_classes                        # C for both classification formats, else 0
     task.stats                              # counts per split, truncated, mean/max tokens
     it = task.train_iterator(batch_size)    # infinite grain iterator, get_state()/set_state()
     for batch in task.eval_batches("val", batch_size, max_examples=0): ...
@@ -20,7 +21,10 @@ from ftlib.data.sources import DataError, read_records
 from ftlib.data.splits import SPLITS, split_records
 from ftlib.data.tokenize import choice_token_ids, encode_records
 
-__all__ = ["DataError", "Task", "choice_token_ids", "load_task"]
+# Formats whose examples carry a class `label` (data.label_words names the classes).
+CLASSIFICATION_FORMATS = ("classification", "sequence_classification")
+
+__all__ = ["CLASSIFICATION_FORMATS", "DataError", "Task", "choice_token_ids", "load_task"]
 
 
 @dataclasses.dataclass
@@ -36,6 +40,7 @@ class Task:
     pack: bool
     shuffle_seed: int
     group_by_length: int = 0
+    num_classes: int = 0  # len(label_words) for the classification formats
 
     def train_iterator(self, batch_size: int):
         """Infinite shuffled training batches; iterator.get_state() is JSON-serialisable."""
@@ -71,8 +76,11 @@ class Task:
 
 def load_task(data_cfg, tokenizer) -> Task:
     """Reads, splits and tokenizes `data_cfg`; raises DataError on bad input or config."""
-    if data_cfg.pack and data_cfg.format == "classification":
-        raise DataError("data.pack=True does not apply to classification (one label per row)")
+    classes = len(data_cfg.label_words) if data_cfg.format in CLASSIFICATION_FORMATS else 0
+    if data_cfg.pack and classes:
+        raise DataError(
+            f"data.pack=True does not apply to data.format={data_cfg.format} (one label per row)"
+        )
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad nor an eos token to pad batches with")
@@ -101,4 +109,5 @@ def load_task(data_cfg, tokenizer) -> Task:
         pack=data_cfg.pack,
         shuffle_seed=data_cfg.shuffle_seed,
         group_by_length=data_cfg.group_by_length,
+        num_classes=classes,
     )

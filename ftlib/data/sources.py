@@ -41,6 +41,7 @@ def _required_fields(data_cfg) -> tuple[str, ...]:
         "chat": (data_cfg.messages_field,),
         # The template may name any field; a missing one is reported when it is rendered.
         "classification": (data_cfg.label_field,),
+        "sequence_classification": (data_cfg.text_field, data_cfg.label_field),
     }.get(data_cfg.format, ())
     return fields + ((data_cfg.id_field,) if data_cfg.id_field else ())
 

@@ -1,5 +1,9 @@
 """Records -> tokenized examples: `input_ids` and `loss_mask` (+ `label`, `choice_pos`).
 
+sequence_classification (for encoders such as BERT) is the exception: the tokenizer's own
+frame around the text ([CLS] text [SEP]), the class index in `label`, and an all-zero
+loss_mask, as no token is a target; a classification head scores the whole row.
+
 loss_mask[t] = 1 where input_ids[t] is a prediction target: the trainer predicts
 input_ids[t + 1] from position t and weights that loss by loss_mask[t + 1].
 
@@ -18,6 +22,7 @@ Truncation to seq_len (each truncated example is counted):
                      so the template's frame ("Review: ... Sentiment:") survives intact;
                      found from the fast tokenizer's character offsets.
   chat               keep the start.
+  sequence_classification  cut the text's end, keeping the special tokens around it.
 """
 
 import numpy as np
@@ -34,6 +39,7 @@ def encode_records(records: list[dict], data_cfg, tokenizer) -> tuple[list[dict]
         "prompt_completion": _encode_prompt_completion,
         "classification": _encode_classification,
         "chat": _encode_chat,
+        "sequence_classification": _encode_sequence_classification,
     }
     if data_cfg.format not in encoders:
         raise DataError(f"data.format={data_cfg.format!r} is not one of {sorted(encoders)}")
@@ -71,6 +77,14 @@ def _leading_special_ids(tokenizer) -> list[int]:
         if full[k : k + len(bare)] == bare:
             return full[:k]
     return []
+
+
+def _trailing_special_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer's own call puts after a text (BERT's [SEP])."""
+    probe = "a"
+    full = tokenizer(probe)["input_ids"]
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return full[len(_leading_special_ids(tokenizer)) + len(bare) :]
 
 
 def _eos(tokenizer) -> list[int]:
@@ -162,6 +176,21 @@ def _encode_classification(records, data_cfg, tokenizer):
     )
     for ex in examples:  # The last prompt token's logits score the label words.
         ex["choice_pos"] = len(ex["input_ids"]) - 2
+    return examples, truncated
+
+
+def _encode_sequence_classification(records, data_cfg, tokenizer):
+    prefix, suffix = _leading_special_ids(tokenizer), _trailing_special_ids(tokenizer)
+    budget = data_cfg.seq_len - len(prefix) - len(suffix)
+    if budget < 1:
+        raise DataError(f"data.seq_len={data_cfg.seq_len} leaves no room for the text")
+    texts = [str(r[data_cfg.text_field]) for r in records]
+    examples, truncated = [], 0
+    for i, body in enumerate(_tokenize(tokenizer, texts)["input_ids"]):
+        truncated += len(body) > budget
+        ids = prefix + body[:budget] + suffix
+        label = _label_index(records[i][data_cfg.label_field], data_cfg.label_words, i)
+        examples.append(_example(ids, [0] * len(ids), label=label))
     return examples, truncated
 
 
