@@ -1,9 +1,14 @@
-"""The multi-host code path for real: two processes on localhost joined by
-jax.distributed (gloo CPU collectives), 2 CPU devices each, run train.py on the
-tiny config; each process hands over only its own rows of every batch. The run
-checkpoints, is restarted (both processes restore), and its losses equal a
-one-process, one-device run of the same config."""
+"""Runs that change shape under the same workdir, each compared with one
+uninterrupted one-process, one-device run of the same config (train.py, tiny):
 
+- the multi-host code path for real: two processes on localhost joined by
+  jax.distributed (gloo CPU collectives), 2 CPU devices each; each process hands
+  over only its own rows of every batch; the run checkpoints and is restarted
+  (both processes restore);
+- restore onto another mesh: saved on (8,1,1), resumed on (2,2,2), then on 1 device.
+"""
+
+import functools
 import os
 import pathlib
 import socket
@@ -11,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ftlib.metrics import read_metrics
 
@@ -34,7 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, steps, devices, process_id=None, port=None):
+def _launch(workdir, steps, devices, process_id=None, port=None, mesh=None):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -42,6 +48,8 @@ def _launch(workdir, steps, devices, process_id=None, port=None):
     }
     cmd = [sys.executable, "train.py", *OVERRIDES, f"--workdir={workdir}"]
     cmd.append(f"--config.max_steps={steps}")
+    if mesh:
+        cmd += [f"--config.mesh.{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), mesh)]
     if process_id is not None:
         cmd += [
             f"--coordinator_address=127.0.0.1:{port}",
@@ -69,25 +77,42 @@ def _losses(workdir, split):
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == split}
 
 
-def test_two_processes_equal_one_process_and_resume(tmp_path):
-    single = _launch(tmp_path / "single", 8, 1)  # overlaps with the first 2-process run
-    first = _two_processes(tmp_path / "multi", 4)
-    assert "mesh: {'data': 4, 'fsdp': 1, 'tensor': 1}" in first
-    resumed = _two_processes(tmp_path / "multi", 8)
-    assert "resumed from step 4" in resumed
-    _wait([single])
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 8-step run; started first, it overlaps the runs under test."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = _launch(workdir, 8, 1)
 
-    multi_train, single_train = (
-        _losses(tmp_path / "multi", "train"),
-        _losses(tmp_path / "single", "train"),
-    )
-    assert sorted(multi_train) == list(range(1, 9)) == sorted(single_train)
+    @functools.cache
+    def finished():
+        _wait([proc])
+        return workdir
+
+    yield finished
+    proc.kill()
+
+
+def _assert_same_run(workdir, reference_dir):
+    train, ref_train = _losses(workdir, "train"), _losses(reference_dir, "train")
+    assert sorted(train) == list(range(1, 9)) == sorted(ref_train)
     np.testing.assert_allclose(
-        [multi_train[s] for s in range(1, 9)], [single_train[s] for s in range(1, 9)], atol=2e-5
+        [train[s] for s in range(1, 9)], [ref_train[s] for s in range(1, 9)], atol=2e-5
     )
-    multi_test, single_test = (
-        _losses(tmp_path / "multi", "test"),
-        _losses(tmp_path / "single", "test"),
-    )
-    np.testing.assert_allclose(list(multi_test.values()), list(single_test.values()), atol=2e-5)
-    assert (tmp_path / "multi" / "summary.json").exists()
+    test, ref_test = _losses(workdir, "test"), _losses(reference_dir, "test")
+    np.testing.assert_allclose(list(test.values()), list(ref_test.values()), atol=2e-5)
+    assert (workdir / "summary.json").exists()
+
+
+def test_two_processes_equal_one_process_and_resume(tmp_path, reference):
+    first = _two_processes(tmp_path, 4)
+    assert "mesh: {'data': 4, 'fsdp': 1, 'tensor': 1}" in first
+    assert "resumed from step 4" in _two_processes(tmp_path, 8)
+    _assert_same_run(tmp_path, reference())
+
+
+def test_resume_on_another_mesh(tmp_path, reference):
+    _wait([_launch(tmp_path, 4, 8, mesh=(8, 1, 1))])
+    out = _wait([_launch(tmp_path, 6, 8, mesh=(2, 2, 2))])
+    assert "resumed from step 4" in out and "'tensor': 2" in out
+    assert "resumed from step 6" in _wait([_launch(tmp_path, 8, 1)])
+    _assert_same_run(tmp_path, reference())
