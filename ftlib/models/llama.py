@@ -192,8 +192,9 @@ class Llama(nnx.Module):
                 dtype=dt,
             )
         )
-        self.prefix = None
-        self.prompt = None
+        # Data attributes (not static), so PEFT surgery can install modules there.
+        self.prefix = nnx.data(None)
+        self.prompt = nnx.data(None)
 
     def hidden(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, *, rng=None):
         """Final-norm hidden states [B, T, D]. segment_ids 0 = padding; tokens attend

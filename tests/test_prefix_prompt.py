@@ -1,0 +1,196 @@
+"""Prefix and prompt tuning: a prefix made of a text's own keys/values (a soft
+prompt made of its embeddings) reproduces the model run on text + input, packed
+segments stay isolated, the projection MLP folds exactly, PEFT's prefix layout,
+analytic trainable counts, frozen leaves bit-identical after jitted train steps,
+and the user errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from ftlib import masks, optim, peft, steps
+from ftlib.errors import FtlibError
+from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.peft import prefix
+
+CFG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=500.0,
+)
+
+
+def peft_cfg(method, n=3, **options):
+    c = default.get_config().peft
+    c.method = method
+    c[method].num_virtual_tokens = n
+    c[method].update(options)
+    return c
+
+
+@nnx.jit
+def run(model, ids_BT, positions_BT=None, segment_ids_BT=None):
+    # Jitted: an eager call of the scanned model re-traces its scan (seconds each).
+    return model(ids_BT, positions_BT, segment_ids_BT)
+
+
+def ids(seed, n, B=None):
+    shape = (n,) if B is None else (B, n)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, shape))
+
+
+def test_prefix_of_text_keys_equals_running_on_text_then_input():
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    x, y = ids(1, 4), ids(2, 6)
+    want = run(model, jnp.concatenate([x, y])[None])[0, 4:]
+    # The base model's cached keys (RoPE'd at positions 0..3) and values of x.
+    _, cache = model.prefill(x[None], extra_slots=1)
+    k_LPKH, v_LPKH = cache.k_LBSKH[:, 0, :4], cache.v_LBSKH[:, 0, :4]
+    peft.apply_method(model, peft_cfg("prefix", n=4))
+    assert not np.allclose(
+        run(model, y[None])[0], want, atol=1e-3
+    )  # random init: a different model
+    model.prefix.key[...] = k_LPKH.reshape(2, 4, 16)
+    model.prefix.value[...] = v_LPKH.reshape(2, 4, 16)
+    # Real tokens start at position P, so this is exactly the model on x + y.
+    np.testing.assert_allclose(run(model, y[None])[0], want, atol=1e-5)
+
+
+def test_prompt_of_text_embeddings_equals_running_on_text_then_input():
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    x, y = ids(1, 5), ids(2, 6)
+    want = run(model, jnp.concatenate([x, y])[None])[0, 5:]
+    peft.apply_method(model, peft_cfg("prompt", n=5, init_token_ids=tuple(int(i) for i in x)))
+    np.testing.assert_allclose(run(model, y[None])[0], want, atol=1e-5)
+    model.prompt.embedding[...] = model.prompt.embedding[...] + 0.1
+    assert not np.allclose(run(model, y[None])[0], want, atol=1e-3)
+
+
+def test_prompt_init_from_ids_repeats_and_random_init_uses_vocab_rows():
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    peft.apply_method(model, peft_cfg("prompt", n=5, init_token_ids=(7, 9)))
+    table = np.asarray(model.embed.embedding[...])
+    np.testing.assert_array_equal(model.prompt.embedding[...], table[[7, 9, 7, 9, 7]])
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    peft.apply_method(model, peft_cfg("prompt", n=5))
+    soft = np.asarray(model.prompt.embedding[...])
+    assert all((np.abs(table - row).max(axis=1) == 0).any() for row in soft)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_packed_segments_and_padding_stay_isolated(method):
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    peft.apply_method(model, peft_cfg(method, n=3))
+    a, b = ids(3, 5), ids(4, 4)
+    packed = jnp.concatenate([a, b, jnp.zeros(3, a.dtype)])[None]
+    seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3])
+    pos = jnp.asarray([list(range(5)) + list(range(4)) + [0] * 3])
+    out = run(model, packed, pos, seg)[0]
+    np.testing.assert_allclose(out[:5], run(model, a[None])[0], atol=1e-5)
+    np.testing.assert_allclose(out[5:9], run(model, b[None])[0], atol=1e-5)
+
+
+def test_projection_mlp_folds_to_the_same_prefix():
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    peft.apply_method(model, peft_cfg("prefix", n=3, projection=True, projection_hidden=12))
+    batch = ids(5, 7, B=2)
+    unfolded = run(model, batch)
+    prefix.fold(model)
+    assert isinstance(model.prefix, prefix.Prefix)
+    np.testing.assert_allclose(run(model, batch), unfolded, atol=1e-6)
+
+
+def test_peft_prefix_layout():
+    """PEFT's get_prompt views prompt_embeddings [P, L*2*K*H] as [P, L*2, K, H],
+    permutes to [L*2, K, P, H] and takes (key, value) pairs per layer."""
+    k_LPKH, v_LPKH = jax.random.normal(jax.random.key(0), (2, 3, 5, 2, 4))
+    emb = np.asarray(prefix.to_peft(k_LPKH, v_LPKH))
+    assert emb.shape == (5, 3 * 2 * 2 * 4)
+    pkv = emb.reshape(5, 3 * 2, 2, 4).transpose(1, 2, 0, 3)
+    for layer in range(3):
+        np.testing.assert_array_equal(pkv[2 * layer], k_LPKH[layer].transpose(1, 0, 2))
+        np.testing.assert_array_equal(pkv[2 * layer + 1], v_LPKH[layer].transpose(1, 0, 2))
+    back = prefix.from_peft(jnp.asarray(emb), num_layers=3, num_kv_heads=2)
+    np.testing.assert_array_equal(back[0], k_LPKH)
+    np.testing.assert_array_equal(back[1], v_LPKH)
+
+
+@pytest.mark.parametrize(
+    "method,options,count",
+    [
+        # L x P x 2 (key, value) x K x H
+        ("prefix", {}, 2 * 3 * 2 * 2 * 8),
+        # embedding P x KH, Linear KH -> h, Linear h -> L x 2 x KH (weights + biases)
+        (
+            "prefix",
+            {"projection": True, "projection_hidden": 12},
+            3 * 16 + 16 * 12 + 12 + 2 * 2 * (12 * 16 + 16),
+        ),
+        ("prefix", {"projection": True}, 3 * 16 + 16 * 16 + 16 + 2 * 2 * (16 * 16 + 16)),
+        # N x D
+        ("prompt", {}, 3 * 32),
+    ],
+)
+def test_trainable_count_is_analytic(method, options, count):
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    mask = peft.apply_method(model, peft_cfg(method, n=3, **options))
+    assert mask.count(True) == count
+    assert mask.count() == CFG.param_count() + count
+
+
+def train_batch(seed, B=4, T=12):
+    x = np.random.default_rng(seed).integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
+    seg = np.ones_like(x)
+    seg[0, 8:] = 0  # a padded row
+    return dict(
+        input_ids=x,
+        loss_mask=seg,
+        segment_ids=seg,
+        positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+    )
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [("prefix", {}), ("prefix", {"projection": True}), ("prompt", {})],
+)
+def test_jitted_train_step_trains_only_the_virtual_tokens(method, options):
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    base = {masks.path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    mask = peft.apply_method(model, peft_cfg(method, n=3, **options))
+    ocfg = default.get_config().optim
+    ocfg.learning_rate, ocfg.warmup_steps = 1e-2, 1
+    tx = optim.make_optimizer(ocfg, 10)
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
+    before = jax.tree.map(np.asarray, state.params)
+    step = jax.jit(steps.make_train_step(graphdef, tx))
+    losses = []
+    for i in range(3):
+        state, metrics = step(state, frozen, train_batch(i))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    frozen_flat = {masks.path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(frozen)}
+    assert frozen_flat.keys() == base.keys()
+    for path, value in frozen_flat.items():
+        np.testing.assert_array_equal(value, base[path])
+    for (path, a), b in zip(nnx.to_flat_state(state.params), jax.tree.leaves(before)):
+        assert masks.path_str(path).startswith(method + "/")
+        assert np.abs(np.asarray(a[...]) - b).max() > 0, f"{path} did not train"
+
+
+def test_user_errors():
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(FtlibError, match="peft.prefix.num_virtual_tokens must be > 0, got 0"):
+        peft.apply_method(model, peft_cfg("prefix", n=0))
+    with pytest.raises(FtlibError, match="peft.prompt.num_virtual_tokens must be > 0, got -2"):
+        peft.apply_method(model, peft_cfg("prompt", n=-2))
+    with pytest.raises(FtlibError, match=r"init_token_ids must lie in \[0, 64\), got 3..64"):
+        peft.apply_method(model, peft_cfg("prompt", init_token_ids=(3, 64)))
