@@ -42,14 +42,13 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 def load_run(workdir) -> Run:
     config = read_config(workdir)
-    if config.data.format == "sequence_classification":
-        raise FtlibError(
-            f"{workdir} is a sequence-classification (encoder) run; rebuilding those for "
-            "export and evaluation is not supported yet"
-        )
     if not (pathlib.Path(workdir) / "checkpoints").is_dir():
         raise FtlibError(f"{workdir} has no checkpoints/; did the run save any?")
-    model, tokenizer = build_model(config.model, config.seed)
+    # As the trainer does: an encoder's class head has one output per label word.
+    classes = config.data.format == "sequence_classification"
+    model, tokenizer = build_model(
+        config.model, config.seed, len(config.data.label_words) if classes else 0
+    )
     mask = peft.apply_method(model, config.peft, config.seed)
     _, params, _ = nnx.split(model, mask.filter, ...)
     ckpt = Checkpointer(workdir, config.checkpoint)

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_runs import run_tiny
 
 from configs import tiny
-from ftlib import optim, peft, steps, trainer
+from ftlib import optim, peft, steps
 from ftlib.errors import FtlibError
 from ftlib.export import export
 from ftlib.hf import load_pretrained
@@ -25,24 +26,6 @@ from ftlib.restore import load_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(0, 49152, (2, 9)).astype(np.int32)
-
-
-def small_rt_jsonl(path, n=48):
-    """Few rows, so a run's data loading and evals take no time."""
-    words = ["good", "bad", "fine", "awful", "great", "dull"]
-    rows = [{"text": f"a {words[i % 6]} film number {i}", "label": i % 2} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def run_tiny(workdir, max_steps, method="lora", checkpoint=""):
-    c = tiny.get_config(method)
-    c.max_steps = max_steps
-    c.model.checkpoint = checkpoint
-    c.data.source, c.data.path = "jsonl", str(small_rt_jsonl(workdir.parent / "rt.jsonl"))
-    c.eval.every = c.checkpoint.every = max(max_steps, 1)
-    trainer.train_and_evaluate(c, str(workdir))
-    return workdir
 
 
 def logits(model, ids=IDS):
