@@ -1,13 +1,16 @@
-"""Train-step time of ftlib on fixed Llama workloads; writes JSON.
+"""Train-step time of ftlib (and HF transformers + peft) on fixed Llama workloads; writes JSON.
 
-  python benchmarks/step_time.py --out=benchmarks/step_time.json
+  python benchmarks/step_time.py --vs=hf --out=benchmarks/step_time.json
   python benchmarks/step_time.py --workloads=llama-tiny --modes=lora --out=/tmp/t.json
 
 Each (workload, mode) runs in a fresh process: 3 warm-up steps, then 10 timed
 steps, each synchronised on the loss. Reported: median step seconds, tokens/s,
 compile seconds (first step - median), peak RSS, model FLOPs per step, achieved
 GFLOP/s and the GEMM peak measured in the same process (a jitted fp32 matmul of
-the model's largest shape). Comparison against HF PEFT is not implemented yet.
+the model's largest shape). With --vs=hf (needs `pip install -e .[hf]`: torch
+CPU, peft) each ftlib run is followed by the same work in HF LlamaForCausalLM +
+peft.get_peft_model + torch.optim.AdamW on the same batches, in its own process,
+and the ftlib/HF step-time ratio is printed per workload and mode.
 """
 
 import argparse
@@ -24,6 +27,7 @@ WORKLOADS = {
 }
 MODES = ("full", "lora")
 WARMUP, TIMED = 3, 10
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def model_flops(vocab, d, f, layers, batch, seq, trainable_matmul_params):
@@ -141,36 +145,141 @@ def run_one(workload: str, mode: str) -> dict:
     }
 
 
+def run_hf(workload: str, mode: str) -> dict:
+    """The same steps in HF transformers (PyTorch, CPU, fp32) + peft."""
+    import numpy as np
+    import torch
+    import transformers
+
+    vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=f,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        initializer_range=0.02,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    if mode == "lora":
+        import peft
+
+        lora = peft.LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS)
+        )
+        model = peft.get_peft_model(model, lora)
+        total = sum(p.numel() for p in model.parameters())
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ids = np.random.default_rng(1234).integers(0, vocab, (WARMUP + TIMED, batch, seq))
+    times = []
+    for i in range(WARMUP + TIMED):
+        x = torch.from_numpy(ids[i])
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        loss.item()
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times[WARMUP:]))
+    # The embedding's gradient is a scatter, not a matmul; lm_head's is a matmul.
+    trainable_matmul = sum(p.numel() for p in trainable if p.dim() == 2) - (
+        vocab * d if mode == "full" else 0
+    )
+    flops = model_flops(vocab, d, f, layers, batch, seq, trainable_matmul)
+    return {
+        "stack": "hf-peft",
+        "workload": workload,
+        "mode": mode,
+        "median_step_s": median,
+        "tokens_per_s": batch * seq / median,
+        "compile_s": times[0] - median,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params_total": total,
+        "params_trainable": sum(p.numel() for p in trainable),
+        "model_flops_per_step": flops,
+        "gflops_per_s": flops / median / 1e9,
+        "gemm_peak_gflops": _torch_gemm_peak(vocab, d, f, batch, seq),
+        "step_times_s": times,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _torch_gemm_peak(vocab, d, f, batch, seq) -> float:
+    import numpy as np
+    import torch
+
+    big = max([(d, f), (d, vocab)], key=lambda s: s[0] * s[1])
+    x, w = torch.ones(batch * seq, big[0]), torch.ones(big)
+    x @ w
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        x @ w
+        times.append(time.perf_counter() - start)
+    return 2 * batch * seq * big[0] * big[1] / float(np.median(times)) / 1e9
+
+
+def _run_in_subprocess(stack: str, workload: str, mode: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--run", stack, workload, mode],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode:
+        sys.exit(f"{stack} {workload}/{mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _print(record: dict) -> None:
+    print(
+        f"{record['stack']:8s} {record['workload']:12s} {record['mode']:5s} "
+        f"{record['median_step_s']:.3f} s/step {record['tokens_per_s']:8.0f} tok/s  "
+        f"compile {record['compile_s']:.1f} s  rss {record['peak_rss_mb']:.0f} MB  "
+        f"{record['gflops_per_s']:.0f} GFLOP/s "
+        f"({record['gflops_per_s'] / record['gemm_peak_gflops']:.0%} of GEMM)  "
+        f"params {record['params_trainable']:,}/{record['params_total']:,}",
+        flush=True,
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--vs", choices=("", "hf"), default="", help="also run HF PEFT")
     parser.add_argument("--out", default="")
-    parser.add_argument("--run", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--run", nargs=3, metavar=("STACK", "WORKLOAD", "MODE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.run:
-        print(json.dumps(run_one(*args.run)))
+        stack, workload, mode = args.run
+        print(json.dumps((run_one if stack == "ftlib" else run_hf)(workload, mode)))
         return
+    stacks = ("ftlib", "hf-peft") if args.vs == "hf" else ("ftlib",)
     records = []
     for workload in args.workloads.split(","):
         for mode in args.modes.split(","):
-            out = subprocess.run(
-                [sys.executable, __file__, "--run", workload, mode],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if out.returncode:
-                sys.exit(f"{workload}/{mode} failed:\n{out.stderr[-3000:]}")
-            record = json.loads(out.stdout.strip().splitlines()[-1])
-            records.append(record)
-            print(
-                f"{workload:12s} {mode:5s} {record['median_step_s']:.3f} s/step "
-                f"{record['tokens_per_s']:8.0f} tok/s  compile {record['compile_s']:.1f} s  "
-                f"{record['gflops_per_s']:.0f} GFLOP/s "
-                f"({record['gflops_per_s'] / record['gemm_peak_gflops']:.0%} of GEMM)  "
-                f"params {record['params_trainable']:,}/{record['params_total']:,}"
-            )
+            # Alternate the stacks so machine noise hits both alike.
+            pair = {}
+            for stack in stacks:
+                pair[stack] = _run_in_subprocess(stack, workload, mode)
+                records.append(pair[stack])
+                _print(pair[stack])
+            if len(pair) == 2:
+                ratio = pair["ftlib"]["median_step_s"] / pair["hf-peft"]["median_step_s"]
+                print(f"ratio ftlib/hf-peft {workload} {mode}: {ratio:.2f}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=2)
