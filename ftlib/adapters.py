@@ -96,6 +96,8 @@ def load_adapter(model: nnx.Module, path, peft_cfg) -> dict:
             f"this model with {peft_cfg.method!r}"
         )
     params = _params(model)
+    base = _fingerprint({p: v for p, v in params.items() if p not in meta["params"]})
+    _check_base(meta["base"], base, path)
     for p, shape in meta["params"].items():
         if p not in params or list(params[p].shape) != shape:
             have = "missing" if p not in params else f"shape {list(params[p].shape)}"
@@ -103,8 +105,6 @@ def load_adapter(model: nnx.Module, path, peft_cfg) -> dict:
                 f"adapter {path} holds {p} {shape}, this model: {have}; apply the "
                 f"adapter's own peft options (adapters.read_config) before loading"
             )
-    base = _fingerprint({p: v for p, v in params.items() if p not in meta["params"]})
-    _check_base(meta["base"], base, path)
     tensors = safetensors.numpy.load_file(pathlib.Path(path) / WEIGHTS)
     for p, value in tensors.items():
         params[p].set_value(jnp.asarray(value, params[p].dtype))

@@ -14,7 +14,7 @@ from flax import nnx
 
 from ftlib import masks
 from ftlib.peft import adapter, bitfit, compose, dora, full, ia3, lora, prefix, prompt
-from ftlib.peft.merge import merge, unmerge  # noqa: F401 (the package API)
+from ftlib.peft.merging import merge, unmerge  # noqa: F401 (the package API)
 
 METHODS = {
     "full": full,

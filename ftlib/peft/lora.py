@@ -2,7 +2,7 @@
 
 Surgery wraps every Linear whose module path matches `target_modules`; the
 wrapped layer keeps its base kernel (frozen by the mask) under `base`. The
-wrapper is mergeable (see ftlib.peft.merge): `merged_kernel()` is W + scale A^T B.
+wrapper is mergeable (see ftlib.peft.merging): `merged_kernel()` is W + scale A^T B.
 """
 
 from __future__ import annotations
