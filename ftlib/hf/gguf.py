@@ -5,6 +5,7 @@ tensor names, the row order of Q and K (permuted for interleaved RoPE), and a to
 as raw vocabulary metadata rather than a `tokenizer.json`.
 """
 
+import functools
 import pathlib
 import re
 
@@ -69,15 +70,16 @@ def load_gguf(path, weights: bool = True) -> PretrainedSource:
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises bare ValueErrors/asserts on a bad file
-        raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
-    meta = {name: field.contents() for name, field in reader.fields.items()}
+    if weights:
+        reader = _reader(path)
+        meta, tensor_names = _fields(reader), {t.name for t in reader.tensors}
+    else:
+        stat = path.stat()
+        meta, tensor_names = _metadata(str(path.absolute()), stat.st_mtime_ns, stat.st_size)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise unsupported(arch, f"GGUF file {path}")
-    config = _config(meta, {t.name for t in reader.tensors})
+    config = _config(meta, tensor_names)
     tensors = {}
     for t in reader.tensors if weights else ():
         # The reader's array already has numpy (row-major) order, the reverse of GGUF's `shape`,
@@ -91,6 +93,26 @@ def load_gguf(path, weights: bool = True) -> PretrainedSource:
             weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
         tensors[name] = weight
     return PretrainedSource(hf_config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
+
+
+def _reader(path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueErrors/asserts on a bad file
+        raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def _fields(reader: gguf.GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _metadata(path: str, mtime_ns: int, size: int) -> tuple[dict, frozenset]:
+    """Metadata and tensor names of an unchanged file, parsed once per process: the reader
+    takes seconds over a 49k-token vocabulary, and random-init runs and tests load only the
+    tokenizer, often several times. Callers must not mutate the returned dict."""
+    reader = _reader(path)
+    return _fields(reader), frozenset(t.name for t in reader.tensors)
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
