@@ -223,6 +223,34 @@ def test_classification_truncation_keeps_template_frame(tok, tmp_path):
     assert toks == ["<bos>", "Review", ":"] + ["good"] * 6 + ["Sentiment", ":", "positive"]
 
 
+def test_sequence_classification_frames_text_and_truncates_inside(tmp_path):
+    # A BERT-like tokenizer: <bos> plays [CLS] and <eos> plays [SEP].
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + WORDS)}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 1)]
+    )
+    bert_tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>")
+    rows = [{"text": "good " * 50 + "bad", "label": "positive"}] + reviews(19)
+    cfg = make_cfg(
+        format="sequence_classification",
+        seq_len=8,
+        split=(1.0, 0.0, 0.0),
+        path=write_jsonl(tmp_path / "d.jsonl", rows),
+    )
+    task = load_task(cfg, bert_tok)
+    assert task.choice_token_ids is None and task.num_classes == 2
+    assert task.stats["truncated"] == sum(len(r["text"].split()) > 6 for r in rows) > 1
+    by_text = {tuple(words(bert_tok, e["input_ids"])): e for e in task.examples["train"]}
+    assert by_text[("<bos>",) + ("good",) * 6 + ("<eos>",)]["label"] == 1
+    assert by_text[("<bos>", "great", "acting", "<eos>")]["label"] == 1
+    assert by_text[("<bos>", "the", "plot", "was", "dull", "a", "<eos>")]["label"] == 0
+    assert all(not e["loss_mask"].any() for e in task.examples["train"])
+    batch = next(task.train_iterator(4))
+    assert batch["label"].shape == (4,) and "choice_pos" not in batch
+
+
 def test_prompt_completion_truncation_keeps_completion(tok, tmp_path):
     rows = [{"prompt": "Q " + "a " * 40 + "what", "completion": "A four"}] * 5
     cfg = make_cfg(
