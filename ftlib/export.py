@@ -32,30 +32,35 @@ def export(workdir: str, fmt: str, out: str) -> pathlib.Path:
     from ftlib.hf.hf_export import save_hf_folder
     from ftlib.hf.peft_format import save_peft_adapter
     from ftlib.models.llama import Llama
-    from ftlib.restore import load_run
+    from ftlib.restore import load_run, read_config
 
+    # Everything the config alone decides is checked before the (slow) rebuild.
+    config = read_config(workdir)
+    method, checkpoint = config.peft.method, config.model.checkpoint
+    if config.data.format == "sequence_classification":
+        raise FtlibError("export of sequence-classification (encoder) runs is not supported yet")
+    if pathlib.Path(out).exists() and any(pathlib.Path(out).iterdir()):
+        raise FtlibError(f"export folder {out} is not empty; give a new --out")
+    if fmt == "peft" and method != "lora":
+        raise FtlibError(
+            f"--format=peft exports peft.method=lora only, this run used {method!r}; "
+            "PEFT-format export of prompt, prefix and IA3 adapters is not implemented yet "
+            "(--format=hf writes a merged model for lora, dora and ia3)"
+        )
+    if fmt == "peft" and not (checkpoint and pathlib.Path(checkpoint).is_dir()):
+        raise FtlibError(
+            f"--format=peft needs a run on an HF base folder (config.model.checkpoint), "
+            f"not {checkpoint or 'a random init'!r}: PEFT loads adapters onto a transformers model"
+        )
     run = load_run(workdir)
-    method = run.config.peft.method
     if not isinstance(run.model, Llama):
         raise FtlibError(f"export of {type(run.model).__name__} models is not supported yet")
-    checkpoint = run.config.model.checkpoint
     if fmt == "peft":
-        if method != "lora":
-            raise FtlibError(
-                f"--format=peft exports peft.method=lora only, this run used {method!r}; "
-                "PEFT-format export of prompt, prefix and IA3 adapters is not implemented yet "
-                "(--format=hf writes a merged model for lora, dora and ia3)"
-            )
         other = [p for p, t in run.mask.trainable.items() if t and "/lora_" not in p]
         if other:
             raise FtlibError(
                 f"--format=peft holds LoRA factors only; this run also trained {other[:3]} "
                 "(peft.trainable); use --format=hf"
-            )
-        if not checkpoint or not pathlib.Path(checkpoint).is_dir():
-            raise FtlibError(
-                f"--format=peft needs a run on an HF base folder (config.model.checkpoint), "
-                f"not {checkpoint or 'a random init'!r}: PEFT loads adapters onto a transformers model"
             )
         base = str(pathlib.Path(checkpoint).absolute())
         return save_peft_adapter(run.model, run.config.peft.lora, out, base)

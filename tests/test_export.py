@@ -2,6 +2,7 @@
 where torch is installed) load with the run's logits, PEFT adapters that round-trip
 through ftlib.hf.load_peft_adapter and keep training, and one-line refusals."""
 
+import copy
 import json
 import os
 import pathlib
@@ -37,8 +38,14 @@ def lora_run(tmp_path_factory):
     return run_tiny(tmp_path_factory.mktemp("lora") / "run", max_steps=8)
 
 
-def test_hf_export_reloads_with_the_runs_logits(lora_run, tmp_path):
-    run = load_run(lora_run)
+@pytest.fixture(scope="module")
+def restored(lora_run):
+    """The run rebuilt once for the tests that only read it."""
+    return load_run(lora_run)
+
+
+def test_hf_export_reloads_with_the_runs_logits(lora_run, restored, tmp_path):
+    run = restored
     assert run.restored == "best" and run.step == 8
     b = run.model.blocks.attn.q_proj.lora_b.get_value()
     assert float(jnp.abs(b).max()) > 0  # trained: the merge changes the weights
@@ -59,8 +66,8 @@ def test_hf_export_reloads_with_the_runs_logits(lora_run, tmp_path):
         export(str(lora_run), "hf", str(tmp_path / "hf"))
 
 
-def test_peft_adapter_round_trip_keeps_training(lora_run, tmp_path):
-    run = load_run(lora_run)
+def test_peft_adapter_round_trip_keeps_training(restored, tmp_path):
+    run = restored
     out = save_peft_adapter(run.model, run.config.peft.lora, tmp_path / "adapter", "base")
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 16.0, "LORA")
@@ -68,7 +75,7 @@ def test_peft_adapter_round_trip_keeps_training(lora_run, tmp_path):
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
-    c = run.config
+    c = copy.deepcopy(run.config)
     c.peft.lora.update(lora_options(out))
     model, _ = build_model(c.model, c.seed)
     mask = peft.apply_method(model, c.peft, seed=123)  # other random A: the load must set it
@@ -90,10 +97,10 @@ def test_peft_adapter_round_trip_keeps_training(lora_run, tmp_path):
     assert float(metrics["loss"]) < losses[0] - 0.1
 
 
-def test_peft_adapter_mismatches_are_named(lora_run, tmp_path):
-    run = load_run(lora_run)
+def test_peft_adapter_mismatches_are_named(restored, tmp_path):
+    run = restored
     out = save_peft_adapter(run.model, run.config.peft.lora, tmp_path / "adapter", "base")
-    c = run.config
+    c = copy.deepcopy(run.config)
     c.peft.lora.target_modules = ".*/(q|v)_proj"
     model, _ = build_model(c.model, c.seed)
     peft.apply_method(model, c.peft)
