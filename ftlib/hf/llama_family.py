@@ -150,6 +150,8 @@ def export_config(
     )
     if model_type == "llama":
         fields["attention_bias"] = False
+    else:  # normalize_config's flag; Qwen2 and Mistral configs have no such key
+        fields.pop("attention_bias", None)
     for key in ("bos", "eos", "pad"):
         if fields.get(f"{key}_token_id") is None:
             fields[f"{key}_token_id"] = getattr(tokenizer, f"{key}_token_id")
