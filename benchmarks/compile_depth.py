@@ -1,0 +1,101 @@
+"""Train-step compile time against depth: layers under lax.scan vs a Python loop.
+
+  python benchmarks/compile_depth.py --out=benchmarks/compile_depth.json
+
+With scan the step's HLO holds one layer body whatever the depth, so compile time
+stays flat; unrolled, it grows with every layer. Each (layers, scan) pair
+compiles the jitted train step (LoRA on all projections, hidden 256) once via
+`jit(...).lower(...).compile()`, in one process (the shapes differ, so no cache hits).
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ftlib import optim, peft, steps
+from ftlib.models.llama import Llama, LlamaConfig
+
+DEPTHS = (4, 16, 32)
+BATCH, SEQ = 4, 128
+
+
+def compile_seconds(layers: int, scan: bool) -> float:
+    cfg = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=64,
+        tie_embeddings=False,
+        scan_layers=scan,
+    )
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    peft_cfg = ml_collections.ConfigDict(
+        dict(
+            method="lora",
+            freeze=(),
+            trainable=(),
+            lora=dict(
+                rank=8,
+                alpha=16.0,
+                dropout=0.0,
+                rslora=False,
+                target_modules=r".*/(q|k|v|o|gate|up|down)_proj",
+            ),
+        )
+    )
+    mask = peft.apply_method(model, peft_cfg)
+    optim_cfg = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-4,
+            warmup_steps=0,
+            end_lr_ratio=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            no_decay="",
+            grad_clip_norm=1.0,
+            grad_accum_steps=1,
+        )
+    )
+    tx = optim.make_optimizer(optim_cfg, 10)
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
+    ones = np.ones((BATCH, SEQ), np.int32)
+    batch = dict(
+        input_ids=ones,
+        loss_mask=ones,
+        segment_ids=ones,
+        positions=np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)),
+    )
+    step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
+    start = time.perf_counter()
+    step.lower(state, frozen, batch).compile()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", default=",".join(map(str, DEPTHS)))
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    records = []
+    for layers in map(int, args.depths.split(",")):
+        for scan in (True, False):
+            seconds = compile_seconds(layers, scan)
+            records.append({"layers": layers, "scan_layers": scan, "compile_s": seconds})
+            print(f"layers {layers:3d} scan={scan!s:5s} compile {seconds:6.1f} s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
