@@ -22,7 +22,9 @@ from flax import nnx
 from configs import default
 from ftlib import adapters, masks, optim, peft, steps
 from ftlib.errors import FtlibError
+from ftlib.models.layers import Linear
 from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.peft.dora import DoRALinear
 from ftlib.peft.merging import is_mergeable
 
 CFG = LlamaConfig(
@@ -33,6 +35,9 @@ CFG = LlamaConfig(
     num_heads=4,
     num_kv_heads=2,
     head_dim=8,
+    # Same stacked params as a scan; eager forwards then reuse per-op compiles across
+    # methods, where a jitted scan recompiles per model (~5 s each on CPU).
+    scan_layers=False,
 )
 CFG_BIAS = dataclasses.replace(CFG, attention_bias=True)  # q/k/v biases (Qwen2-style)
 RANK, BOTTLENECK = 4, 4
@@ -88,7 +93,9 @@ class Case:
     identity_at_init: bool
     mergeable: bool
     model: LlamaConfig = CFG
-    slow: bool = False  # a variant of a case the default suite runs (compiles cost ~10 s each)
+    # Its training tests (a train-step compile, ~7 s CPU each) only run with -m slow;
+    # set for variants of a case whose training the default suite already covers.
+    slow_training: bool = False
 
 
 CASES = {
@@ -111,10 +118,14 @@ CASES = {
         True,
         True,
         False,
-        slow=True,
+        slow_training=True,
     ),
-    "bitfit": Case("bitfit", {}, bitfit_bias_count, False, True, False, CFG_BIAS, slow=True),
-    "bitfit_norms": Case("bitfit", {"bitfit.include_norms": True}, norm_count, False, True, False),
+    "bitfit": Case(
+        "bitfit", {}, bitfit_bias_count, False, True, False, CFG_BIAS, slow_training=True
+    ),
+    "bitfit_norms": Case(
+        "bitfit", {"bitfit.include_norms": True}, norm_count, False, True, False, slow_training=True
+    ),
     # Composition: a param trains if any method's rules say so.
     "lora+ia3": Case(
         "lora+ia3",
@@ -123,6 +134,7 @@ CASES = {
         True,
         True,
         True,
+        slow_training=True,
     ),
 }
 
@@ -155,13 +167,8 @@ def batch(seed, cfg=CFG, B=4, T=16):
 IDS = jnp.asarray(batch(99)["input_ids"])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, ids):
-    return nnx.merge(graphdef, state)(ids)
-
-
 def logits(model):
-    return _logits(*nnx.split(model), IDS)
+    return model(IDS)
 
 
 def flat(state):
@@ -202,17 +209,17 @@ def fine_tuned(name, **kw):
     return nnx.clone(nnx.merge(graphdef, state.params, frozen))
 
 
-def cases(keep=lambda case: True):
+def trained_cases(keep=lambda case: True):
     return [
-        pytest.param(n, marks=[pytest.mark.slow] if c.slow else [])
+        pytest.param(n, marks=[pytest.mark.slow] if c.slow_training else [])
         for n, c in CASES.items()
         if keep(c)
     ]
 
 
-ALL = cases()
-IDENTITY = cases(lambda c: c.identity_at_init)
-MERGEABLE = cases(lambda c: c.mergeable)
+IDENTITY = [n for n, c in CASES.items() if c.identity_at_init]
+TRAINED = trained_cases()
+MERGEABLE = trained_cases(lambda c: c.mergeable)
 
 
 @pytest.mark.parametrize("name", IDENTITY)
@@ -223,7 +230,7 @@ def test_identity_at_init(name):
     np.testing.assert_allclose(logits(model), base, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", TRAINED)
 def test_trains_only_trainable_leaves(name):
     _, state, frozen, mask, initial, _ = trained(name)
     after_frozen, after_train = flat(frozen), flat(state.params)
@@ -234,19 +241,20 @@ def test_trains_only_trainable_leaves(name):
         assert np.any(value != initial[path]), f"{path} did not change"
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", list(CASES))
 def test_trainable_count_and_optimizer_state(name):
     case = CASES[name]
-    _, state, _, mask, _, _ = trained(name)
+    model, mask = surgery(case)
     expected = case.count(case.model)
     assert mask.count(True) == expected
     assert mask.count() == case.model.param_count() + (expected if case.added else 0)
+    _, state, _ = steps.init_train_state(model, mask, optim.make_optimizer(optim_cfg(), 10))
     # AdamW keeps mu and nu per trainable leaf and nothing for frozen ones.
     opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
     assert sum(x.size for x in opt_leaves) == 2 * expected
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", TRAINED)
 def test_adapter_file_reproduces_fine_tuned_model(name, tmp_path):
     case = CASES[name]
     _, state, frozen, mask, _, _ = trained(name)
@@ -338,6 +346,34 @@ def test_load_adapter_refuses_other_method_or_base(tmp_path):
     wide = dataclasses.replace(CFG, intermediate_size=64)
     with pytest.raises(FtlibError, match="another base model \\(param blocks/mlp/down_proj/base"):
         adapters.load_adapter(_model_with(cfg, wide), tmp_path, cfg)
+
+
+def test_dora_matches_the_paper_with_a_detached_norm():
+    base = Linear(6, 5, ("embed", "mlp"), rngs=nnx.Rngs(0), use_bias=True)
+    base.bias[...] = jnp.arange(5.0)
+    layer = DoRALinear(base, rank=2, alpha=4.0, dropout=0.0, rslora=False, rngs=nnx.Rngs(1))
+    layer.lora_b[...] = jax.random.normal(jax.random.key(2), (2, 5))
+    layer.lora_magnitude[...] = layer.lora_magnitude[...] * 1.5
+    x = jax.random.normal(jax.random.key(3), (3, 6))
+
+    def reference(b, detach):
+        v = base.kernel[...] + 2.0 * layer.lora_a[...].T @ b
+        norm = jnp.linalg.norm(v, axis=0)
+        norm = jax.lax.stop_gradient(norm) if detach else norm
+        return layer.lora_magnitude[...] * (x @ v) / norm + base.bias[...]
+
+    graphdef, state = nnx.split(layer)
+
+    def ours(b):
+        state_b = jax.tree.map(lambda v: v, state)  # fresh Variables, settable under grad
+        state_b["lora_b"].set_value(b)
+        return nnx.merge(graphdef, state_b)(x)
+
+    b = layer.lora_b[...]
+    np.testing.assert_allclose(ours(b), reference(b, True), atol=1e-5)
+    grad = lambda f: jax.grad(lambda b: jnp.sum(jnp.sin(f(b))))(b)
+    np.testing.assert_allclose(grad(ours), grad(lambda b: reference(b, True)), atol=1e-5)
+    assert np.abs(grad(ours) - grad(lambda b: reference(b, False))).max() > 1e-3
 
 
 def _model_with(cfg, model_cfg=CFG, base_seed=0):
