@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 import optax  # noqa: E402
 import tiny_hf  # noqa: E402
+import transformers  # noqa: E402
 
 from ftlib.hf import CheckpointError, UnsupportedArchitectureError, load_pretrained  # noqa: E402
 
@@ -93,3 +94,31 @@ def test_wrong_shape_and_missing_tensors_are_named(tmp_path):
     _edit_config(tmp_path, num_hidden_layers=1)
     with pytest.raises(CheckpointError, match="tensors a llama model of this config does not use"):
         load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("llama", dict(tie_word_embeddings=False, rope_theta=5e5)),
+        ("qwen2", dict(tie_word_embeddings=True)),
+        ("mistral", dict(tie_word_embeddings=False, sliding_window=None)),
+    ],
+)
+def test_import_then_export_is_exact(tmp_path, model_type, overrides):
+    from safetensors.numpy import load_file
+
+    from ftlib.hf.hf_export import save_hf_folder
+
+    tiny_hf.save_hf(tiny_hf.hf_model(model_type, **overrides), tmp_path / "in")
+    src = load_pretrained(str(tmp_path / "in"))
+    model = tiny_hf.ftlib_model(tmp_path / "in")
+    save_hf_folder(model, src.tokenizer, src.hf_config, tmp_path / "out")
+    original = load_file(tmp_path / "in" / "model.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, x in original.items():
+        np.testing.assert_array_equal(exported[name], x, err_msg=name)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.model_type == model_type
+    ids = tiny_hf.token_ids(256)
+    assert np.abs(tiny_hf.hf_logits(reloaded, ids) - tiny_hf.ftlib_logits(model, ids)).max() <= 1e-4
