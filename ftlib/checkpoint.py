@@ -95,6 +95,14 @@ class Checkpointer:
         )
         return out["params"], out["meta"]
 
+    def best_bytes(self) -> int:
+        """On-disk size of the best checkpoint (0 if none was saved)."""
+        step = self.best.latest_step()
+        if step is None:
+            return 0
+        root = pathlib.Path(self.best.directory) / str(step)
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
     def wait(self):
         self.latest.wait_until_finished()
         self.best.wait_until_finished()

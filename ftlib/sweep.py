@@ -78,6 +78,10 @@ def result_row(overrides: dict, summary: dict, metric: str) -> dict:
         f"test_{acc}": test[acc],
         "test_loss": test["loss"],
         "trainable_params": summary["trainable_params"],
+        "trainable_pct": round(100 * summary["trainable_params"] / summary["total_params"], 4),
+        "checkpoint_bytes": summary.get("checkpoint_bytes"),
+        "median_step_s": summary.get("median_step_s"),
+        "peak_rss_mb": round(summary.get("peak_rss_mb") or 0, 1),
         "steps": summary["steps"],
         "wall_s": round(summary["wall_s"], 1),
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import resource
 import signal
 import time
 
@@ -98,6 +99,8 @@ class _TrainWindow:
 
     def __init__(self, logger):
         self.logger = logger
+        # Seconds per step of each window but the first (it holds the compile).
+        self.step_seconds, self._compiled = [], False
         self.restart()
 
     def restart(self):
@@ -111,7 +114,11 @@ class _TrainWindow:
         values = jax.device_get(self.metrics)
         names = [k for k in values[0] if k != "tokens"]  # the accuracy name follows the objective
         logged = {k: float(np.mean([v[k] for v in values])) for k in names}
-        logged["tokens_per_s"] = self.tokens / max(time.time() - self.since, 1e-9)
+        elapsed = max(time.time() - self.since, 1e-9)
+        logged["tokens_per_s"] = self.tokens / elapsed
+        if self._compiled:
+            self.step_seconds.append(elapsed / len(values))
+        self._compiled = True
         self.logger.write(step, "train", **logged)
         self.restart()
         return {"loss": f"{logged['loss']:.4f}", "tok_s": f"{logged['tokens_per_s']:.0f}"}
@@ -231,6 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     test = evaluate(params, frozen, "test")
     logger.write(best_step, "test", event="final", **test)
     ckpt.wait()
+    checkpoint_bytes = ckpt.best_bytes()
     ckpt.close()
     logger.close()
     summary = {
@@ -243,6 +251,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "trainable_params": mask.count(True),
         "total_params": mask.count(),
         "wall_s": time.time() - start,
+        "median_step_s": float(np.median(window.step_seconds)) if window.step_seconds else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "checkpoint_bytes": checkpoint_bytes,  # trainable params only: the adapter's size
         "data": task.stats,
     }
     if jax.process_index() == 0:
