@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from tiny_runs import run_tiny
 
 from configs import tiny
@@ -118,6 +119,28 @@ def test_peft_format_refusals(lora_run, tmp_path):
         export(str(lora_run), "peft", str(tmp_path / "p"))
     with pytest.raises(FtlibError, match="has no config.json"):
         export(str(tmp_path), "hf", str(tmp_path / "p"))
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_merged_hf_export_of_other_methods(tmp_path, method):
+    """Any mergeable wrapper exports through peft.merge; trained-looking (random) adapter
+    params make the merge non-trivial."""
+    from ftlib.hf.hf_export import save_hf_folder
+
+    c = tiny.get_config(method)
+    model, tokenizer = build_model(c.model, c.seed)
+    mask = peft.apply_method(model, c.peft)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if mask.trainable["/".join(map(str, path))]:
+            noise = 0.1 * jax.random.normal(next(keys), var.shape)
+            var.set_value(var.get_value() * (1 + noise) + noise)
+    expected = logits(model)
+    peft.merge(model)
+    out = save_hf_folder(model, tokenizer, {}, tmp_path / "hf")
+    src = load_pretrained(str(out))
+    reloaded = logits(from_pretrained(src.hf_config, src.tensors))
+    np.testing.assert_allclose(reloaded, expected, atol=1e-4)
 
 
 def test_unmergeable_params_are_refused(tmp_path):
