@@ -26,7 +26,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "matplotlib"],  # matplotlib: the notebooks run in the suite
         # PyTorch references for parity/export tests and HF interop. torch stays pinned to the
         # CPU build shipped on these machines: an unpinned torch pulls a multi-GB CUDA build.
         "hf": ["torch==2.13.0", "peft>=0.21,<0.22"],
