@@ -324,12 +324,14 @@ def hf_to_params(cfg: BertConfig, tensors: dict[str, np.ndarray]) -> dict[tuple,
         out[("encoder", *path)] = np.stack(
             [tensors[n].T if transpose else tensors[n] for n in names]
         )
-    heads = {"classifier": ("classifier",), "pooler.dense": ("pooler",)}
+    heads = {"classifier": "classifier", "pooler.dense": "pooler"}
+    used.update(f"{hf}.{kind}" for hf in heads for kind in ("weight", "bias"))
+    if cfg.pooling != "cls":
+        del heads["pooler.dense"]  # mean pooling has no pooler
     for hf, ours in heads.items():
-        used.update({f"{hf}.weight", f"{hf}.bias"})
-        if f"{hf}.weight" in tensors and (ours != ("pooler",) or cfg.pooling == "cls"):
-            out[(*ours, "kernel")] = tensors[f"{hf}.weight"].T
-            out[(*ours, "bias")] = tensors[f"{hf}.bias"]
+        if f"{hf}.weight" in tensors:
+            out[(ours, "kernel")] = tensors[f"{hf}.weight"].T
+            out[(ours, "bias")] = tensors[f"{hf}.bias"]
     unexpected = sorted(n for n in set(tensors) - used if not n.startswith(_IGNORED_PREFIXES))
     if unexpected:
         raise FtlibError(f"checkpoint has tensors the BERT model does not use: {unexpected[:5]}")
