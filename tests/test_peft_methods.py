@@ -309,6 +309,11 @@ def test_merge_and_unmerge(name):
         ("adapter", {"adapter.placement": "middle"}, "peft.adapter.placement 'middle'"),
         ("ia3", {"ia3.feedforward_modules": ".*/up_proj"}, "must be a subset of .*up_proj"),
         ("bitfit", {}, "no bias params .*peft.bitfit.include_norms=True"),
+        (
+            "lora+ia3",
+            {"lora.target_modules": r".*/(q|k)_proj"},
+            r"blocks/attn/k_proj is already adapted \(LoRALinear\)",
+        ),
     ],
 )
 def test_bad_method_options(method, overrides, message):

@@ -18,6 +18,18 @@ def replace_modules(model: nnx.Module, pattern: str, kind: type, make: Callable)
     """Replaces every `kind` submodule whose path fully matches `pattern` by
     `make(old)`. A pattern that matches nothing is a user error, not a no-op."""
     regex = re.compile(pattern)
+    # A Linear another method already wrapped would be skipped silently: refuse.
+    wrapped = [
+        (module_path(p), m)
+        for p, m in nnx.iter_modules(model)
+        if p and isinstance(getattr(m, "base", None), kind) and regex.fullmatch(module_path(p))
+    ]
+    if wrapped:
+        path, m = wrapped[0]
+        raise FtlibError(
+            f"{path} is already adapted ({type(m).__name__}): two methods cannot wrap one "
+            f"{kind.__name__}; narrow one method's target regex ({pattern!r} matches it)"
+        )
     found = [
         (path, m)
         for path, m in nnx.iter_modules(model)
