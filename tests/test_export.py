@@ -121,6 +121,7 @@ def test_peft_format_refusals(lora_run, tmp_path):
         export(str(tmp_path), "hf", str(tmp_path / "p"))
 
 
+@pytest.mark.slow  # ~1 min on 2 busy cores; LoRA covers the export path by default
 @pytest.mark.parametrize("method", ["dora", "ia3"])
 def test_merged_hf_export_of_other_methods(tmp_path, method):
     """Any mergeable wrapper exports through peft.merge; trained-looking (random) adapter
@@ -176,6 +177,7 @@ def hf_base(tmp_path_factory):
     return tiny_hf.save_hf(model, tmp_path_factory.mktemp("base") / "hf")
 
 
+@pytest.mark.slow  # one more training run; test_hf_parity checks import -> export bit-exactness
 def test_zero_step_run_exports_the_original_weights(hf_base, tmp_path):
     from safetensors.numpy import load_file
 
