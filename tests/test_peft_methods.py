@@ -136,6 +136,16 @@ CASES = {
         True,
         slow_training=True,
     ),
+    # A wrapper method with an input hook: soft tokens change the logits from the start.
+    "lora+prompt": Case(
+        "lora+prompt",
+        {"lora.rank": RANK, "prompt.num_virtual_tokens": 3},
+        lambda c: lora_count(c) + 3 * c.hidden_size,
+        True,
+        False,
+        False,
+        slow_training=True,
+    ),
 }
 
 
