@@ -22,10 +22,6 @@ from ftlib import cli
 _BETTER = {"accuracy": "higher", "token_accuracy": "higher", "loss": "lower"}
 REPORT = "drift_report.json"
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of train.py.", required=True)
-_DATA = flags.DEFINE_string("data", None, "JSONL file in the run's data format.", required=True)
-_THRESHOLD = flags.DEFINE_float("threshold", 0.02, "Warn when a metric worsens by more.")
-
 
 def evaluate_drift(workdir, data_path: str, threshold: float = 0.02) -> dict:
     # Imported here, not at the top: jax reads XLA_FLAGS at import, after flag parsing.
@@ -102,11 +98,21 @@ def table(report: dict) -> str:
     return "\n".join(lines + [f"WARNING: {w}" for w in report["warnings"]])
 
 
+def _define_flags():
+    # Defined only when run as a program: tests import this module next to ftlib.export
+    # and ftlib.generate, which define --workdir too.
+    flags.DEFINE_string("workdir", None, "Run directory of train.py.", required=True)
+    flags.DEFINE_string("data", None, "JSONL file in the run's data format.", required=True)
+    flags.DEFINE_float("threshold", 0.02, "Warn when a metric worsens by more.")
+
+
 def main():
-    report = evaluate_drift(_WORKDIR.value, _DATA.value, _THRESHOLD.value)
+    f = flags.FLAGS
+    report = evaluate_drift(f.workdir, f.data, f.threshold)
     print(table(report))
-    print(f"wrote {pathlib.Path(_WORKDIR.value) / REPORT}")
+    print(f"wrote {pathlib.Path(f.workdir) / REPORT}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)

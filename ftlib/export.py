@@ -19,10 +19,6 @@ from ftlib import cli
 
 FORMATS = ("hf", "peft")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of train.py.", required=True)
-_FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "hf: merged model; peft: LoRA adapter.")
-_OUT = flags.DEFINE_string("out", None, "New folder to write.", required=True)
-
 
 def export(workdir: str, fmt: str, out: str) -> pathlib.Path:
     # Imported here, not at the top: jax reads XLA_FLAGS at import, after flag parsing.
@@ -69,10 +65,19 @@ def export(workdir: str, fmt: str, out: str) -> pathlib.Path:
     return save_hf_folder(run.model, run.tokenizer, source, out)
 
 
+def _define_flags():
+    # Defined only when run as a program: tests import this module next to ftlib.evaluate
+    # and ftlib.generate, which define --workdir too.
+    flags.DEFINE_string("workdir", None, "Run directory of train.py.", required=True)
+    flags.DEFINE_enum("format", "hf", FORMATS, "hf: merged model; peft: LoRA adapter.")
+    flags.DEFINE_string("out", None, "New folder to write.", required=True)
+
+
 def main():
-    out = export(_WORKDIR.value, _FORMAT.value, _OUT.value)
-    print(f"wrote {out}")
+    f = flags.FLAGS
+    print(f"wrote {export(f.workdir, f.format, f.out)}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)

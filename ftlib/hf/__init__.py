@@ -1,4 +1,5 @@
-"""Pretrained checkpoints in, as HF-convention float32 numpy tensors: GGUF files and HF folders."""
+"""Pretrained checkpoints in, as HF-convention float32 numpy tensors: GGUF files and HF folders;
+HF folders and PEFT LoRA adapters out (and PEFT adapters back in)."""
 
 from ftlib.hf.checkpoint_source import (
     CheckpointError,
@@ -9,6 +10,7 @@ from ftlib.hf.checkpoint_source import (
 from ftlib.hf.gguf import load_gguf
 from ftlib.hf.hf_folder import load_hf_folder
 from ftlib.hf.llama_family import LLAMA_FAMILY
+from ftlib.hf.peft_format import load_peft_adapter, lora_options, save_peft_adapter
 
 __all__ = [
     "LLAMA_FAMILY",
@@ -17,5 +19,8 @@ __all__ = [
     "UnsupportedArchitectureError",
     "load_gguf",
     "load_hf_folder",
+    "load_peft_adapter",
     "load_pretrained",
+    "lora_options",
+    "save_peft_adapter",
 ]
