@@ -37,6 +37,7 @@ def get_config(arg=None):
     # Execution (pretrained models too).
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on accelerators)
     c.model.param_dtype = "float32"  # storage dtype of params
+    c.model.frozen_dtype = ""  # storage dtype of frozen params ('bfloat16' halves a LoRA base)
     c.model.scan_layers = True  # lax.scan over layers: compile time independent of depth
     c.model.scan_unroll = (
         3  # layers per scan iteration: 3 runs ~1.5x faster on CPU, compiles in ~15 s

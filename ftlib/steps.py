@@ -25,10 +25,21 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def init_train_state(model: nnx.Module, mask, tx: optax.GradientTransformation):
+def init_train_state(
+    model: nnx.Module, mask, tx: optax.GradientTransformation, frozen_dtype: str = ""
+):
     """Splits `model` by its trainable `mask` -> (graphdef, TrainState at step 0
-    holding the trainable params and their optimizer state, frozen params)."""
+    holding the trainable params and their optimizer state, frozen params).
+
+    frozen_dtype (e.g. 'bfloat16') stores the frozen floating params in that dtype:
+    for LoRA-style methods the base model is nearly all the memory, and layers cast
+    weights to the compute dtype where they use them. Trainable params keep theirs."""
     graphdef, params, frozen = nnx.split(model, mask.filter, ...)
+    if frozen_dtype:
+        frozen = jax.tree.map(
+            lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            frozen,
+        )
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), frozen
 
 

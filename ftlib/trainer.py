@@ -161,7 +161,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(mask.table())
 
     tx = make_optimizer(config.optim, config.max_steps)
-    graphdef, state, frozen = init_train_state(model, mask, tx)
+    graphdef, state, frozen = init_train_state(model, mask, tx, config.model.frozen_dtype)
     del model
     state_sh = sharding.tree_shardings(state, mesh, rules)
     frozen_sh = sharding.tree_shardings(frozen, mesh, rules)
