@@ -21,8 +21,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics,
 
 
 def main():
-    from ftlib import trainer  # after flag parsing: jax reads XLA_FLAGS at import
+    from ftlib import peft, trainer  # after flag parsing: jax reads XLA_FLAGS at import
 
+    # A --config.peft.<method>.* override for a method not in peft.method does nothing: refuse.
+    peft.check_config(_CONFIG.value.peft, config_flags.get_override_values(flags.FLAGS["config"]))
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(trainer.summary_table(summary))
 

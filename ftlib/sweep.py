@@ -100,11 +100,14 @@ def write_results(workdir: pathlib.Path, rows: list[dict]):
 
 
 def run_sweep(config, sweep: list[dict], workdir: str) -> list[dict]:
+    from ftlib import peft
     from ftlib.trainer import train_and_evaluate
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     configs = [(o, apply_overrides(config, o)) for o in sweep]  # bad keys fail before any run
+    for overrides, run_config in configs:  # nor may a run set options of methods it lacks
+        peft.check_config(run_config.peft, overrides)
     rows = []
     for i, (overrides, run_config) in enumerate(configs):
         run_dir = workdir / run_name(overrides)

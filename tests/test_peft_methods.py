@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
-from ftlib import adapters, masks, optim, peft, steps
+from configs import default, tiny
+from ftlib import adapters, masks, optim, peft, steps, sweep
 from ftlib.errors import FtlibError
 from ftlib.models.layers import Linear
 from ftlib.models.llama import Llama, LlamaConfig
@@ -331,7 +331,7 @@ def test_bad_method_options(method, overrides, message):
         _model_with(peft_cfg(method, overrides))
 
 
-def test_config_blocks_must_fit_the_methods():
+def test_config_blocks_must_fit_the_methods(tmp_path):
     cfg = peft_cfg("dora")
     del cfg["dora"]
     with pytest.raises(FtlibError, match="includes 'dora' but config.peft has no 'dora' block"):
@@ -340,10 +340,14 @@ def test_config_blocks_must_fit_the_methods():
     cfg.lora.rnak = 2
     with pytest.raises(FtlibError, match=r"peft.lora has unknown options \['rnak'\]"):
         peft.check_config(cfg)
-    defaults = default.get_config().peft
-    peft.check_config(peft_cfg("lora", {"lora.rank": 2}), defaults)  # the selected block may change
-    with pytest.raises(FtlibError, match="peft.dora.rank=2 has no effect: .* 'lora\\+dora'"):
-        peft.check_config(peft_cfg("lora", {"dora.rank": 2}), defaults)
+    overrides = {"peft.lora.rank": 2, "optim.learning_rate": 1.0}
+    peft.check_config(peft_cfg("lora+prompt"), ["peft.prompt.num_virtual_tokens", *overrides])
+    with pytest.raises(FtlibError, match="peft.dora.rank has no effect: .* 'lora\\+dora'"):
+        peft.check_config(peft_cfg("lora"), ["peft.dora.rank", *overrides])
+    sweep_runs = [{"seed": 1}, {"peft.dora.rank": 4}]  # tiny's method: full
+    with pytest.raises(FtlibError, match="peft.dora.rank has no effect: peft.method 'full'"):
+        sweep.run_sweep(tiny.get_config(), sweep_runs, str(tmp_path))
+    assert not list(tmp_path.iterdir())  # refused before any run
 
 
 def test_load_adapter_refuses_other_method_or_base(tmp_path):

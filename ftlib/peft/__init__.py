@@ -33,10 +33,10 @@ def selected_methods(peft_cfg) -> dict:
     return {n: METHODS[n] for n in compose.method_names(peft_cfg.method, METHODS)}
 
 
-def check_config(peft_cfg, defaults=None) -> None:
-    """Raises on unknown methods and missing, unknown or (given the default
-    config's `peft` as `defaults`) inapplicable options."""
-    compose.check_options(peft_cfg, selected_methods(peft_cfg), defaults)
+def check_config(peft_cfg, overrides=()) -> None:
+    """Raises on unknown methods, missing or unknown options, and on `overrides`
+    (dotted keys the user set) that are options of methods not selected."""
+    compose.check_options(peft_cfg, selected_methods(peft_cfg), overrides)
 
 
 def apply_method(model: nnx.Module, peft_cfg, seed: int = 0) -> masks.Mask:

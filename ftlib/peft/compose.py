@@ -28,10 +28,11 @@ def method_names(method: str, known) -> list[str]:
     return names
 
 
-def check_options(peft_cfg, methods: dict, defaults=None) -> None:
-    """Each selected method's block `peft.<name>` holds exactly its OPTIONS. With
-    `defaults` (the default config's `peft`), a block of a method that is not
-    selected must equal its default: a changed option would silently do nothing."""
+def check_options(peft_cfg, methods: dict, overrides=()) -> None:
+    """Each selected method's block `peft.<name>` holds exactly its OPTIONS, and
+    no key in `overrides` (dotted config keys the user set, e.g. from the command
+    line or a sweep) is an option of a method that is not selected: it would
+    silently do nothing."""
     for name, method in methods.items():
         if not method.OPTIONS:
             continue
@@ -47,18 +48,13 @@ def check_options(peft_cfg, methods: dict, defaults=None) -> None:
                 f"peft.{name} {'has unknown' if have - want else 'lacks'} options {odd}; "
                 f"its options are {', '.join(method.OPTIONS)}"
             )
-    if defaults is None:
-        return
-    for block, options in peft_cfg.items():
-        if block in methods or block not in defaults or not hasattr(options, "items"):
-            continue
-        for key, value in options.items():
-            if defaults[block].get(key) != value:
-                raise FtlibError(
-                    f"peft.{block}.{key}={value!r} has no effect: peft.method "
-                    f"{peft_cfg.method!r} does not include {block!r} (add it, e.g. "
-                    f"'{peft_cfg.method}+{block}', or drop the option)"
-                )
+    for key in overrides:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "peft" and parts[1] not in methods:
+            raise FtlibError(
+                f"{key} has no effect: peft.method {peft_cfg.method!r} does not include "
+                f"{parts[1]!r} (add it, e.g. '{peft_cfg.method}+{parts[1]}', or drop the option)"
+            )
 
 
 def method_rules(model: nnx.Module, rule_tables: list) -> list:
