@@ -87,3 +87,65 @@ def test_user_errors():
         gen.generate(model, [[1, 2], []], 4)
     with pytest.raises(FtlibError, match="max_new_tokens must be > 0"):
         gen.generate(model, PROMPTS, 0)
+
+
+def fake_run(tmp_path, vocab_size=256):
+    """A run directory as the trainer leaves it: config.json + the best trainable
+    params (here: LoRA + an MLP prefix, perturbed so that they matter)."""
+    from configs import tiny
+    from ftlib.checkpoint import Checkpointer
+    from ftlib.metrics import save_config
+    from ftlib.models import build_model
+
+    config = tiny.get_config("lora+prefix")
+    config.model.vocab_size = vocab_size  # 256, not the tokenizer's 49152: fast (ids < 256)
+    config.peft.prefix.num_virtual_tokens = 4
+    config.peft.prefix.projection = True
+    model, tokenizer = build_model(config.model, config.seed)
+    mask = peft.apply_method(model, config.peft, config.seed)
+    params = nnx.state(model, mask.filter)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    nnx.update(model, treedef.unflatten(noisy))
+    save_config(config, str(tmp_path))
+    ckpt = Checkpointer(str(tmp_path), config.checkpoint)
+    ckpt.save_best(7, nnx.state(model, mask.filter), {"step": 7})
+    ckpt.close()
+    return model, tokenizer
+
+
+@pytest.mark.slow  # builds the model of a run: loads a tokenizer (transformers import)
+def test_load_run_restores_the_best_params_and_folds_the_prefix(tmp_path):
+    trained, tokenizer = fake_run(tmp_path)
+    model, _, config = gen.load_run(str(tmp_path))
+    assert config.peft.method == "lora+prefix"
+    assert type(model.prefix).__name__ == "Prefix"  # folded for inference
+    prompts = [[72, 101, 108, 108, 111], [5, 6, 7]]
+    assert gen.generate(model, prompts, 4) == gen.generate(trained, prompts, 4)
+    with pytest.raises(FtlibError, match="has no config.json"):
+        gen.load_run(str(tmp_path / "nope"))
+
+
+@pytest.mark.slow  # the same, plus two `python -m ftlib.generate` processes
+def test_cli_prints_and_writes_completions(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    trained, tokenizer = fake_run(tmp_path, vocab_size=0)  # the tokenizer's
+    prompt = "Review: a gem\nSentiment:"
+    ids = tokenizer(prompt)["input_ids"]
+    new = gen.generate(trained, [ids], 5, stop_ids=[tokenizer.eos_token_id])[0]
+    want = tokenizer.decode(new, skip_special_tokens=True)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": prompt, "id": 1}) + "\n")
+    cmd = [sys.executable, "-m", "ftlib.generate", f"--workdir={tmp_path}", "--max_new_tokens=5"]
+    subprocess.run(
+        [*cmd, f"--prompts={tmp_path / 'in.jsonl'}", f"--out={tmp_path / 'out.jsonl'}"],
+        check=True,
+    )
+    out = json.loads((tmp_path / "out.jsonl").read_text())
+    assert out == {"prompt": prompt, "id": 1, "completion": want}
+    bad = subprocess.run([*cmd, "--prompt=x", "--max_len=8"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: prompt of")
