@@ -72,4 +72,4 @@ def test_errors_name_the_problem(run, tmp_path):
         evaluate_drift(run, str(tmp_path / "absent.jsonl"))
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(FtlibError, match="has no final test record"):
-        evaluate_drift(tmp_path, str(tmp_path / "absent.jsonl"))
+        evaluate_drift(tmp_path, str(tmp_path / "metrics.jsonl"))
