@@ -7,14 +7,13 @@ adapter-sized.
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ftlib.errors import FtlibError
 from ftlib.masks import tree_path_str
+from ftlib.metrics import run_dir
 
 
 def param_shapes(params) -> dict[str, list[int]]:
@@ -26,7 +25,7 @@ def param_shapes(params) -> dict[str, list[int]]:
 
 class Checkpointer:
     def __init__(self, workdir: str, cfg):
-        root = pathlib.Path(workdir).absolute() / "checkpoints"
+        root = run_dir(workdir) / "checkpoints"
         self.latest = ocp.CheckpointManager(
             root / "latest",
             options=ocp.CheckpointManagerOptions(
@@ -100,8 +99,7 @@ class Checkpointer:
         step = self.best.latest_step()
         if step is None:
             return 0
-        root = pathlib.Path(self.best.directory) / str(step)
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return _tree_bytes(run_dir(self.best.directory) / str(step))
 
     def wait(self):
         self.latest.wait_until_finished()
@@ -110,6 +108,11 @@ class Checkpointer:
     def close(self):
         self.latest.close()
         self.best.close()
+
+
+def _tree_bytes(root) -> int:
+    # epath walks local and gs:// trees alike (rglob is local-only there).
+    return sum(_tree_bytes(p) if p.is_dir() else p.stat().length for p in root.iterdir())
 
 
 def _check_compatible(saved: dict, current: dict, directory) -> None:

@@ -1,14 +1,22 @@
 """Run logging: DIR/metrics.jsonl (one JSON object per event), TensorBoard
-event files in DIR, and the resolved config as DIR/config.json."""
+event files in DIR, and the resolved config as DIR/config.json. DIR may be a
+local path or a cloud URL such as gs://bucket/run (etils.epath)."""
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
+
+
+def run_dir(workdir) -> epath.Path:
+    """The run directory as an epath.Path: local paths made absolute (orbax wants
+    them so), URLs (gs://, s3://) kept as they are."""
+    path = epath.Path(workdir)
+    return path if "://" in str(workdir) else path.absolute()
 
 
 class MetricsLogger:
@@ -16,7 +24,7 @@ class MetricsLogger:
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = run_dir(workdir) / "metrics.jsonl"
         self.tb = SummaryWriter(str(workdir)) if self.active else None
 
     def write(self, step: int, split: str, **metrics):
@@ -43,7 +51,7 @@ def _plain(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = run_dir(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -51,4 +59,4 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def save_config(config, workdir: str):
     if jax.process_index() == 0:
-        (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (run_dir(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import resource
 import signal
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ftlib import data, peft, sharding
 from ftlib.checkpoint import Checkpointer
-from ftlib.metrics import MetricsLogger, read_metrics, save_config
+from ftlib.metrics import MetricsLogger, read_metrics, run_dir, save_config
 from ftlib.models import build_model
 from ftlib.optim import make_optimizer
 from ftlib.steps import init_train_state, make_eval_step, make_train_step
@@ -138,16 +137,18 @@ def _track_best(meta: dict, val: dict, step: int, eval_cfg, save_best) -> None:
         )
 
 
-def _truncate_metrics(workdir: pathlib.Path, step: int):
+def _truncate_metrics(workdir, step: int):
     """On resume, drop records logged after the checkpoint and the final test
     record: the resumed run writes them again."""
+    if jax.process_index() != 0:
+        return
     records = [r for r in read_metrics(workdir) if r["step"] <= step and r.get("event") != "final"]
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
     start = time.time()
-    workdir = pathlib.Path(workdir)
+    workdir = run_dir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.sharding_rules)
