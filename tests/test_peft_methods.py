@@ -146,6 +146,36 @@ CASES = {
         False,
         slow_training=True,
     ),
+    # Virtual tokens (3) change the logits by design; tests/test_prefix_prompt.py has the rest.
+    "prefix": Case(
+        "prefix",
+        {"prefix.num_virtual_tokens": 3},
+        lambda c: c.num_layers * 3 * 2 * c.num_kv_heads * c.head_dim,
+        True,
+        False,
+        False,
+    ),
+    "prefix_projection": Case(
+        "prefix",
+        {"prefix.num_virtual_tokens": 3, "prefix.projection": True},
+        # embedding [3, KH], Linear KH -> KH, per layer Linear KH -> key and value
+        lambda c: (
+            (kh := c.num_kv_heads * c.head_dim) * (3 + kh + 1) + c.num_layers * 2 * kh * (kh + 1)
+        ),
+        True,
+        False,
+        False,
+        slow_training=True,
+    ),
+    "prompt": Case(
+        "prompt",
+        {"prompt.num_virtual_tokens": 3},
+        lambda c: 3 * c.hidden_size,
+        True,
+        False,
+        False,
+        slow_training=True,
+    ),
 }
 
 
