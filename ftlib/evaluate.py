@@ -30,7 +30,7 @@ def evaluate_drift(workdir, data_path: str, threshold: float = 0.02) -> dict:
 
     from ftlib import data, sharding
     from ftlib.errors import FtlibError
-    from ftlib.metrics import read_metrics
+    from ftlib.metrics import read_metrics, run_dir
     from ftlib.restore import load_run
     from ftlib.trainer import Evaluator
 
@@ -62,7 +62,7 @@ def evaluate_drift(workdir, data_path: str, threshold: float = 0.02) -> dict:
     report = drift(finals[-1], new, threshold)
     report.update(data=str(data_path), params=f"{run.restored} (step {run.step})")
     if jax.process_index() == 0:
-        (pathlib.Path(workdir) / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        (run_dir(workdir) / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

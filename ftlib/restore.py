@@ -1,4 +1,5 @@
-"""A finished (or interrupted) run's model, rebuilt from DIR/config.json and DIR/checkpoints.
+"""A finished (or interrupted) run's model, rebuilt from DIR/config.json and DIR/checkpoints
+(DIR local or a URL, see ftlib.metrics.run_dir).
 
 Checkpoints hold trainable params only, so the rest is rebuilt the way the trainer built it:
 the base model from config.model (pretrained file or seeded init), then the PEFT surgery
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import jax.numpy as jnp
 import ml_collections
@@ -18,6 +18,7 @@ from flax import nnx
 from ftlib import masks, peft
 from ftlib.checkpoint import Checkpointer
 from ftlib.errors import FtlibError
+from ftlib.metrics import run_dir
 from ftlib.models import build_model
 from ftlib.optim import make_optimizer
 from ftlib.steps import TrainState
@@ -34,15 +35,15 @@ class Run:
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
+    path = run_dir(workdir) / "config.json"
+    if not path.exists():
         raise FtlibError(f"{workdir} has no config.json; give the --workdir of a train.py run")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def load_run(workdir) -> Run:
     config = read_config(workdir)
-    if not (pathlib.Path(workdir) / "checkpoints").is_dir():
+    if not (run_dir(workdir) / "checkpoints").is_dir():
         raise FtlibError(f"{workdir} has no checkpoints/; did the run save any?")
     # As the trainer does: an encoder's class head has one output per label word.
     classes = config.data.format == "sequence_classification"
