@@ -89,9 +89,13 @@ def read_peft_config(path) -> dict:
         raise FtlibError(
             f"{file}: peft_type {config.get('peft_type')!r}; only LORA adapters can be imported"
         )
-    for key in ("use_dora", "lora_bias"):
+    # Per-layer ranks, layer subsets, extra trained modules: none has an ftlib equivalent.
+    unsupported = ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern")
+    for key in (*unsupported, "layers_to_transform", "modules_to_save"):
         if config.get(key):
-            raise FtlibError(f"{file}: {key}=true is not supported (plain LoRA only)")
+            raise FtlibError(
+                f"{file}: {key}={config[key]!r} is not supported (plain LoRA on every layer)"
+            )
     if not isinstance(config.get("target_modules"), list):
         raise FtlibError(
             f"{file}: target_modules {config.get('target_modules')!r} must be a list of "
