@@ -12,13 +12,10 @@ import argparse
 import json
 import time
 
-import jax
-import ml_collections
 import numpy as np
-from flax import nnx
+from step_time import train_setup  # same directory: the benchmark's method and optimizer
 
-from ftlib import optim, peft, steps
-from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.models.llama import LlamaConfig
 
 DEPTHS = (4, 16, 32)
 BATCH, SEQ = 4, 128
@@ -36,38 +33,7 @@ def compile_seconds(layers: int, scan: bool) -> float:
         tie_embeddings=False,
         scan_layers=scan,
     )
-    model = Llama(cfg, rngs=nnx.Rngs(0))
-    peft_cfg = ml_collections.ConfigDict(
-        dict(
-            method="lora",
-            freeze=(),
-            trainable=(),
-            lora=dict(
-                rank=8,
-                alpha=16.0,
-                dropout=0.0,
-                rslora=False,
-                target_modules=r".*/(q|k|v|o|gate|up|down)_proj",
-            ),
-        )
-    )
-    mask = peft.apply_method(model, peft_cfg)
-    optim_cfg = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-4,
-            warmup_steps=0,
-            end_lr_ratio=1.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            no_decay="",
-            grad_clip_norm=1.0,
-            grad_accum_steps=1,
-        )
-    )
-    tx = optim.make_optimizer(optim_cfg, 10)
-    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
+    step, state, frozen, _ = train_setup(cfg, "lora", 10)
     ones = np.ones((BATCH, SEQ), np.int32)
     batch = dict(
         input_ids=ones,
@@ -75,7 +41,6 @@ def compile_seconds(layers: int, scan: bool) -> float:
         segment_ids=ones,
         positions=np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)),
     )
-    step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
     start = time.perf_counter()
     step.lower(state, frozen, batch).compile()
     return time.perf_counter() - start

@@ -15,10 +15,13 @@ and the ftlib/HF step-time ratio is printed per workload and mode.
 
 import argparse
 import json
+import pathlib
 import resource
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
 
 WORKLOADS = {
     # name: (vocab, hidden, intermediate, layers, heads, batch, seq)
@@ -41,15 +44,37 @@ def model_flops(vocab, d, f, layers, batch, seq, trainable_matmul_params):
     return dense + attention
 
 
+def train_setup(cfg, mode: str, total_steps: int):
+    """The benchmark's method and optimizer on a Llama of `cfg` -> (jitted donated
+    train step, state, frozen, mask): `full`, or LoRA r=8, alpha=16, no dropout on
+    all projections; AdamW lr 1e-4, wd 0.01 on every param (as torch's AdamW), no
+    clipping, constant schedule."""
+    import jax
+    from flax import nnx
+
+    from configs import default
+    from ftlib import optim, peft, steps
+    from ftlib.models.llama import Llama
+
+    c = default.get_config()
+    c.peft.method = mode
+    c.peft.lora.update(dict(rank=8, alpha=16.0, dropout=0.0, rslora=False))
+    c.peft.lora.target_modules = r".*/(q|k|v|o|gate|up|down)_proj"
+    c.optim.update(dict(learning_rate=1e-4, warmup_steps=0, end_lr_ratio=1.0, weight_decay=0.01))
+    c.optim.update(dict(no_decay="", grad_clip_norm=0.0, grad_accum_steps=1))
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    mask = peft.apply_method(model, c.peft)
+    tx = optim.make_optimizer(c.optim, total_steps)
+    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
+    return jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0), state, frozen, mask
+
+
 def run_one(workload: str, mode: str) -> dict:
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
-    from flax import nnx
 
-    from ftlib import optim, peft, steps
-    from ftlib.models.llama import Llama, LlamaConfig
+    from ftlib.models.llama import LlamaConfig
 
     vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
     cfg = LlamaConfig(
@@ -64,39 +89,7 @@ def run_one(workload: str, mode: str) -> dict:
         rope_theta=10000.0,
         tie_embeddings=False,
     )
-    model = Llama(cfg, rngs=nnx.Rngs(0))
-    peft_cfg = ml_collections.ConfigDict(
-        dict(
-            method=mode,
-            freeze=(),
-            trainable=(),
-            lora=dict(
-                rank=8,
-                alpha=16.0,
-                dropout=0.0,
-                rslora=False,
-                target_modules=r".*/(q|k|v|o|gate|up|down)_proj",
-            ),
-        )
-    )
-    mask = peft.apply_method(model, peft_cfg)
-    optim_cfg = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-4,
-            warmup_steps=0,
-            end_lr_ratio=1.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            no_decay="",
-            grad_clip_norm=0.0,
-            grad_accum_steps=1,
-        )
-    )
-    tx = optim.make_optimizer(optim_cfg, WARMUP + TIMED)
-    graphdef, state, frozen = steps.init_train_state(model, mask, tx)
-    step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
+    step, state, frozen, mask = train_setup(cfg, mode, WARMUP + TIMED)
     ids = np.random.default_rng(1234).integers(0, vocab, (WARMUP + TIMED, batch, seq))
     ones = np.ones((batch, seq), np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))

@@ -7,11 +7,11 @@ import dataclasses
 import functools
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from configs import default
 from ftlib import masks, optim, peft, steps
 from ftlib.models.llama import Llama, LlamaConfig
 
@@ -32,38 +32,16 @@ KNOBS = {
 }
 
 
-def peft_cfg(method):
-    return ml_collections.ConfigDict(
-        dict(
-            method=method,
-            freeze=(),
-            trainable=(),
-            lora=dict(
-                rank=4, alpha=8.0, dropout=0.0, rslora=False, target_modules=r".*/(q|v|down)_proj"
-            ),
-        )
-    )
-
-
 @functools.cache
 def one_step(method, frozen_dtype="", **overrides):
     model = Llama(dataclasses.replace(CFG, **overrides), rngs=nnx.Rngs(0))
-    mask = peft.apply_method(model, peft_cfg(method))
-    optim_cfg = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-2,
-            warmup_steps=0,
-            end_lr_ratio=1.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            no_decay="",
-            grad_clip_norm=0.0,
-            grad_accum_steps=1,
-        )
-    )
-    tx = optim.make_optimizer(optim_cfg, 10)
+    c = default.get_config()
+    c.peft.method = method
+    c.peft.lora.target_modules = r".*/(q|v|down)_proj"
+    c.optim.update(dict(learning_rate=1e-2, warmup_steps=0, end_lr_ratio=1.0, weight_decay=0.0))
+    c.optim.grad_clip_norm = 0.0
+    mask = peft.apply_method(model, c.peft)
+    tx = optim.make_optimizer(c.optim, 10)
     graphdef, state, frozen = steps.init_train_state(model, mask, tx, frozen_dtype)
     frozen_dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(frozen)}
     ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16)).astype(np.int32)
