@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from ftlib import masks, optim, peft, steps
+from ftlib import masks, optim, peft, sharding, steps
 from ftlib.errors import FtlibError
 from ftlib.models.llama import Llama, LlamaConfig
 from ftlib.peft import prefix
@@ -194,3 +194,13 @@ def test_user_errors():
         peft.apply_method(model, peft_cfg("prompt", n=-2))
     with pytest.raises(FtlibError, match=r"init_token_ids must lie in \[0, 64\), got 3..64"):
         peft.apply_method(model, peft_cfg("prompt", init_token_ids=(3, 64)))
+
+
+def test_every_new_param_has_a_sharding_rule():
+    c = default.get_config()
+    mesh = sharding.make_mesh(c.mesh)
+    for method, options in [("prefix", {}), ("prefix", {"projection": True}), ("prompt", {})]:
+        model = Llama(CFG, rngs=nnx.Rngs(0))
+        peft.apply_method(model, peft_cfg(method, **options))
+        # Raises on a logical axis ('prefix', 'prompt', ...) missing from the rules.
+        sharding.tree_shardings(nnx.state(model, nnx.Param), mesh, c.sharding_rules)
