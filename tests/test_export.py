@@ -205,7 +205,8 @@ def test_transformers_and_peft_load_the_exports(hf_base, tmp_path):
     import transformers
 
     workdir = run_tiny(tmp_path / "run", max_steps=6, checkpoint=str(hf_base))
-    expected = logits(load_run(workdir).model)
+    run = load_run(workdir)
+    expected = logits(run.model)
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         export(str(workdir), "hf", str(tmp_path / "hf"))
     )
@@ -217,3 +218,12 @@ def test_transformers_and_peft_load_the_exports(hf_base, tmp_path):
     assert np.abs(tiny_hf.hf_logits(with_adapter, IDS) - expected).max() <= 1e-4
     with with_adapter.disable_adapter():  # the adapter matters: without it logits differ
         assert np.abs(tiny_hf.hf_logits(with_adapter, IDS) - expected).max() > 1e-3
+
+    # And back: the folder peft itself writes loads into ftlib.
+    with_adapter.save_pretrained(tmp_path / "resaved")
+    c = copy.deepcopy(run.config)
+    c.peft.lora.update(lora_options(tmp_path / "resaved"))
+    model, _ = build_model(c.model, c.seed)
+    peft.apply_method(model, c.peft, seed=5)
+    load_peft_adapter(model, tmp_path / "resaved")
+    np.testing.assert_allclose(logits(model), expected, atol=1e-5)
