@@ -204,3 +204,37 @@ def test_every_new_param_has_a_sharding_rule():
         peft.apply_method(model, peft_cfg(method, **options))
         # Raises on a logical axis ('prefix', 'prompt', ...) missing from the rules.
         sharding.tree_shardings(nnx.state(model, nnx.Param), mesh, c.sharding_rules)
+
+
+@pytest.mark.slow  # imports torch, transformers and peft
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_matches_hf_peft(method):
+    """Same logits as HF PEFT's prefix / prompt tuning of the same random Llama (GQA),
+    from PEFT's own virtual-token values: positions, masks and the prefix layout agree."""
+    import peft as hf_peft
+    import torch
+    from tiny_hf import hf_model
+
+    from ftlib.models.llama import from_pretrained
+
+    hf = hf_model()
+    tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
+    theta = hf.config.rope_parameters["rope_theta"]
+    model = from_pretrained(hf.config.to_dict(), tensors, rope_theta=theta)
+    config_cls = dict(prefix=hf_peft.PrefixTuningConfig, prompt=hf_peft.PromptTuningConfig)
+    torch.manual_seed(0)
+    wrapped = hf_peft.get_peft_model(
+        hf, config_cls[method](task_type="CAUSAL_LM", num_virtual_tokens=3)
+    ).eval()
+    values = wrapped.get_prompt_embedding_to_save("default").numpy()
+    peft.apply_method(model, peft_cfg(method, n=3))
+    if method == "prefix":
+        k_LPKH, v_LPKH = prefix.from_peft(jnp.asarray(values), num_layers=2, num_kv_heads=2)
+        model.prefix.key[...] = k_LPKH.reshape(2, 3, -1)
+        model.prefix.value[...] = v_LPKH.reshape(2, 3, -1)
+    else:
+        model.prompt.embedding[...] = jnp.asarray(values)
+    x = np.random.default_rng(0).integers(0, 256, (2, 9))
+    with torch.no_grad():
+        want = wrapped(input_ids=torch.from_numpy(x)).logits.numpy()[:, -9:]
+    np.testing.assert_allclose(run(model, jnp.asarray(x)), want, atol=2e-4, rtol=1e-4)
