@@ -13,6 +13,7 @@ whole padded sequence (prompt bucket + new tokens); with it, one token per step.
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -64,6 +65,7 @@ def main():
         "model": c.model.checkpoint,
         "dtype": args.dtype,
         "device": str(jax.devices()[0].device_kind),
+        "load_avg_1m": round(os.getloadavg()[0], 1),  # other processes on the host skew CPU numbers
         "results": results,
     }
     if args.out:
