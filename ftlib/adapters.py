@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ from flax import nnx
 
 from ftlib.errors import FtlibError
 from ftlib.masks import path_str
+from ftlib.metrics import run_dir
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -55,13 +55,13 @@ def base_fingerprint(frozen) -> dict:
     return _fingerprint(_params(frozen))
 
 
-def save_adapter(path, trainable_state, peft_cfg, fingerprint: dict) -> pathlib.Path:
+def save_adapter(path, trainable_state, peft_cfg, fingerprint: dict):
     """Writes the trainable leaves (fp32 stays fp32: ~4 bytes a param) and the
     metadata to the directory `path`."""
-    directory = pathlib.Path(path)
+    directory = run_dir(path)  # a local path or a gs:// URL
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {p: np.asarray(v[...]) for p, v in _params(trainable_state).items()}
-    safetensors.numpy.save_file(tensors, directory / WEIGHTS)
+    (directory / WEIGHTS).write_bytes(safetensors.numpy.save(tensors))
     meta = {
         "format": FORMAT,
         "peft": peft_cfg.to_dict(),
@@ -75,7 +75,7 @@ def save_adapter(path, trainable_state, peft_cfg, fingerprint: dict) -> pathlib.
 def read_config(path) -> dict:
     """The adapter's metadata; `ml_collections.ConfigDict(read_config(p)['peft'])`
     is the peft config whose surgery `load_adapter` expects."""
-    file = pathlib.Path(path) / CONFIG
+    file = run_dir(path) / CONFIG
     if not file.exists():
         raise FtlibError(f"{path} is not an ftlib adapter: no {CONFIG}")
     meta = json.loads(file.read_text())
@@ -105,7 +105,7 @@ def load_adapter(model: nnx.Module, path, peft_cfg) -> dict:
                 f"adapter {path} holds {p} {shape}, this model: {have}; apply the "
                 f"adapter's own peft options (adapters.read_config) before loading"
             )
-    tensors = safetensors.numpy.load_file(pathlib.Path(path) / WEIGHTS)
+    tensors = safetensors.numpy.load((run_dir(path) / WEIGHTS).read_bytes())
     for p, value in tensors.items():
         params[p].set_value(jnp.asarray(value, params[p].dtype))
     return meta

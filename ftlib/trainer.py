@@ -16,9 +16,11 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from ftlib import data, peft, sharding
+from ftlib import adapters, data, peft, sharding
 from ftlib.checkpoint import Checkpointer
 from ftlib.metrics import MetricsLogger, read_metrics, run_dir, save_config
 from ftlib.models import build_model
@@ -146,6 +148,13 @@ def _truncate_metrics(workdir, step: int):
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _save_adapter(path, params, peft_cfg, base: dict) -> None:
+    if jax.process_count() > 1:  # every process takes part; process 0 writes
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        adapters.save_adapter(path, params, peft_cfg, base)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     start = time.time()
     workdir = run_dir(workdir)
@@ -162,6 +171,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(mask.table())
 
     tx = make_optimizer(config.optim, config.max_steps)
+    # Before frozen_dtype casts the base: an adapter names the base as loaded.
+    base = adapters.base_fingerprint(nnx.split(model, mask.filter, ...)[2])
     graphdef, state, frozen = init_train_state(model, mask, tx, config.model.frozen_dtype)
     del model
     state_sh = sharding.tree_shardings(state, mesh, rules)
@@ -237,6 +248,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     best = ckpt.restore_best(state.params)
     params, best_step = (best[0], best[1]["step"]) if best else (state.params, step)
     test = evaluate(params, frozen, "test")
+    if mask.count(True) < mask.count():  # PEFT: the best params as a swappable adapter file
+        _save_adapter(workdir / "adapter", params, config.peft, base)
     logger.write(best_step, "test", event="final", **test)
     ckpt.wait()
     checkpoint_bytes = ckpt.best_bytes()

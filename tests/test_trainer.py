@@ -12,9 +12,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import tiny
-from ftlib import data, optim, peft, steps
+from ftlib import adapters, data, optim, peft, restore, steps
 from ftlib.metrics import read_metrics
 from ftlib.models import build_model
 
@@ -107,6 +108,17 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
     step_b, params_b = _final_params(work)
     assert step_a == step_b == 30
     jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+    # The run's adapter file (its best params) loads onto a fresh base + surgery.
+    run = restore.load_run(work)
+    fresh, _ = build_model(run.config.model, run.config.seed)
+    peft.apply_method(fresh, run.config.peft, seed=1)  # other random adapter init
+    adapters.load_adapter(fresh, work / "adapter", run.config.peft)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.state(fresh, run.mask.filter),
+        nnx.state(run.model, run.mask.filter),
+    )
 
 
 @pytest.mark.parametrize(
