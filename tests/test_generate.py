@@ -149,3 +149,42 @@ def test_cli_prints_and_writes_completions(tmp_path):
     bad = subprocess.run([*cmd, "--prompt=x", "--max_len=8"], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: prompt of")
+
+
+_MESH_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import jax
+from flax import nnx
+from configs import default
+from ftlib import sharding
+from test_generate import PROMPTS, gen, model_with
+
+c = default.get_config()
+for method in ("lora", "prefix", "prompt"):
+    model = model_with(method)
+    want = gen.generate(model, PROMPTS, 5, bucket=8)
+    for shape in ((2, 2, 2), (1, 4, 2)):
+        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+        state = nnx.state(model)
+        nnx.update(model, jax.device_put(state, sharding.tree_shardings(state, mesh, c.sharding_rules)))
+        assert not model.embed.embedding[...].sharding.is_fully_replicated
+        got = gen.generate(model, PROMPTS, 5, bucket=8)
+        assert got == want, (method, shape, got, want)
+print("mesh generate ok")
+"""
+
+
+@pytest.mark.slow  # a subprocess with 8 fake CPU devices
+def test_generate_with_sharded_params_matches_one_device():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _MESH_SCRIPT], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mesh generate ok" in out.stdout
