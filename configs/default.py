@@ -48,6 +48,9 @@ def get_config(arg=None):
     c.peft.method = "lora"  # see ftlib.peft.METHODS; '+' composes ('lora+prompt')
     c.peft.freeze = ()  # regexes over param paths frozen first (e.g. 'embed/.*')
     c.peft.trainable = ()  # regexes made trainable before the method's own rules
+    # Start from an adapter: a run's DIR/adapter, or an HF PEFT LoRA folder (set peft.lora
+    # to match it: ftlib.hf.lora_options). '' = the method's own init.
+    c.peft.init_adapter = ""
     c.peft.lora = ml_collections.ConfigDict()
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with rslora)

@@ -111,6 +111,22 @@ def load_adapter(model: nnx.Module, path, peft_cfg) -> dict:
     return meta
 
 
+def load_initial(model: nnx.Module, path, peft_cfg) -> str:
+    """`config.peft.init_adapter`: starts training from an ftlib adapter directory
+    or an HF PEFT LoRA folder (whose surgery `peft.lora` must match, see
+    ftlib.hf.lora_options). Returns which kind it was."""
+    file = run_dir(path) / CONFIG
+    if not file.exists():
+        raise FtlibError(f"peft.init_adapter {path}: no {CONFIG} (an ftlib or PEFT adapter)")
+    if json.loads(file.read_text()).get("format") == FORMAT:
+        load_adapter(model, path, peft_cfg)
+        return "ftlib"
+    from ftlib.hf import load_peft_adapter
+
+    load_peft_adapter(model, path)
+    return "peft"
+
+
 def _check_base(saved: dict, current: dict, path) -> None:
     if saved == current:
         return

@@ -168,6 +168,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = data.load_task(config.data, tokenizer)
     print(f"data: {task.stats}")
     mask = peft.apply_method(model, config.peft, config.seed)
+    if config.peft.init_adapter:
+        kind = adapters.load_initial(model, config.peft.init_adapter, config.peft)
+        print(f"initial adapter ({kind}): {config.peft.init_adapter}")
     print(mask.table())
 
     tx = make_optimizer(config.optim, config.max_steps)

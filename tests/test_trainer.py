@@ -119,6 +119,19 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
         nnx.state(fresh, run.mask.filter),
         nnx.state(run.model, run.mask.filter),
     )
+    # ... and a new run can start from it (zero steps: its checkpoint is the adapter).
+    start = run_cli(
+        *args,
+        "--config.max_steps=0",
+        f"--config.peft.init_adapter={work / 'adapter'}",
+        f"--workdir={tmp_path / 'c'}",
+    )
+    assert start.returncode == 0, start.stderr[-3000:]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.state(restore.load_run(tmp_path / "c").model, run.mask.filter),
+        nnx.state(run.model, run.mask.filter),
+    )
 
 
 @pytest.mark.parametrize(
