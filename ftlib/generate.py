@@ -154,31 +154,17 @@ def generate(
 
 
 def load_run(workdir: str):
-    """-> (model with the run's best trainable params, tokenizer, run config)."""
-    import ml_collections
-
-    from ftlib import peft
-    from ftlib.checkpoint import Checkpointer
-    from ftlib.models import build_model
+    """-> (model with the run's restored trainable params, tokenizer, run config)."""
+    from ftlib import restore
     from ftlib.peft import prefix
 
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FtlibError(f"{workdir} has no config.json: not a training run directory")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    model, tokenizer = build_model(config.model, config.seed)
-    mask = peft.apply_method(model, config.peft, config.seed)
-    params = nnx.state(model, mask.filter)
-    ckpt = Checkpointer(workdir, config.checkpoint)
-    try:
-        restored = ckpt.restore_best(params)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FtlibError(f"{workdir}/checkpoints/best holds no checkpoint (no eval ran yet?)")
-    nnx.update(model, restored[0])
-    prefix.fold(model)  # the MLP reparameterisation is for training only
-    return model, tokenizer, config
+    run = restore.load_run(workdir)
+    if not hasattr(run.model, "decode"):
+        raise FtlibError(
+            f"{workdir} trained a {type(run.model).__name__}, not a causal LM: nothing to generate"
+        )
+    prefix.fold(run.model)  # the MLP reparameterisation is for training only
+    return run.model, run.tokenizer, run.config
 
 
 def encode(tokenizer, text: str, chat: bool) -> list[int]:
