@@ -158,7 +158,7 @@ def test_matches_pytorch_transformers_on_minilm():
 
 
 def test_head_shapes_and_mean_pooling_ignores_padding():
-    cfg = dataclasses.replace(CFG, pooling="mean")
+    cfg = dataclasses.replace(CFG, pooling="mean", scan_layers=False)  # eager: no scan compile
     model = BertClassifier(cfg, rngs=nnx.Rngs(0))
     assert model.pooler is None
     ids = jnp.asarray([[2, 14, 15, 9]])
@@ -179,7 +179,7 @@ def test_scan_unrolled_and_remat_agree():
 
 
 def test_dropout_only_with_an_rng():
-    cfg = dataclasses.replace(CFG, hidden_dropout=0.1, attention_dropout=0.1)
+    cfg = dataclasses.replace(CFG, hidden_dropout=0.1, attention_dropout=0.1, scan_layers=False)
     model = BertClassifier(cfg, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 9)))
     np.testing.assert_array_equal(model(ids), model(ids))
