@@ -24,11 +24,6 @@ from ml_collections import config_flags
 from ftlib import cli
 from ftlib.errors import FtlibError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file with get_sweep().", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.", required=True)
-
 
 def run_name(overrides: dict) -> str:
     """Readable, filesystem-safe name: 'peft.lora.rank=4,optim.learning_rate=0.001'."""
@@ -123,11 +118,22 @@ def run_sweep(config, sweep: list[dict], workdir: str) -> list[dict]:
     return rows
 
 
+def _define_flags():
+    # Defined only when run as a program: tests import this module next to train.py,
+    # which defines --config and --workdir too.
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file with get_sweep().", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Sweep directory.", required=True)
+
+
 def main():
-    sweep = load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
-    run_sweep(_CONFIG.value, sweep, _WORKDIR.value)
-    print((pathlib.Path(_WORKDIR.value) / "results.md").read_text())
+    f = flags.FLAGS
+    sweep = load_sweep(config_flags.get_config_filename(f["config"]))
+    run_sweep(f.config, sweep, f.workdir)
+    print((pathlib.Path(f.workdir) / "results.md").read_text())
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)
