@@ -23,7 +23,6 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -43,26 +42,17 @@ CFG = LlamaConfig(
     head_dim=8,
 )
 RULES = tuple(default.get_config().sharding_rules)
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "prefix")
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4))  # (data, fsdp, tensor)
 N_STEPS, BATCH, SEQ = 3, 8, 16
 
 
 def peft_cfg(method):
-    return ml_collections.ConfigDict(
-        dict(
-            method=method,
-            freeze=(),
-            trainable=(),
-            lora=dict(
-                rank=4,
-                alpha=8.0,
-                dropout=0.0,
-                rslora=False,
-                target_modules=r".*/(q|k|v|o|gate|up|down)_proj",
-            ),
-        )
-    )
+    c = default.get_config().peft
+    c.method = method
+    c.lora.update(dict(rank=4, alpha=8.0))
+    c.prefix.num_virtual_tokens = 4
+    return c
 
 
 def optim_cfg():
