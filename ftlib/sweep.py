@@ -88,7 +88,7 @@ def write_results(workdir: pathlib.Path, rows: list[dict]):
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # 5e-05 stays 5e-05
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
     (workdir / "results.md").write_text("\n".join(lines) + "\n")
