@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -227,3 +228,63 @@ def test_transformers_and_peft_load_the_exports(hf_base, tmp_path):
     peft.apply_method(model, c.peft, seed=5)
     load_peft_adapter(model, tmp_path / "resaved")
     np.testing.assert_allclose(logits(model), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "ia3"])
+def test_peft_loads_prompt_prefix_and_ia3_exports(hf_base, tmp_path, method):
+    """A short run of each method on the HF base exports a folder that
+    peft.PeftModel.from_pretrained loads with the run's logits."""
+    import peft as hf_peft
+    import tiny_hf
+    import torch
+    import transformers
+
+    workdir = run_tiny(tmp_path / "run", max_steps=3, method=method, checkpoint=str(hf_base))
+    run = load_run(workdir)
+    expected = logits(run.model)
+    adapter = export(str(workdir), "peft", str(tmp_path / "peft"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}.get(
+        method, "IA3"
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    with_adapter = hf_peft.PeftModel.from_pretrained(base, adapter).eval()
+    # Prompt tuning's logits include the N soft tokens' positions: compare the real ones.
+    got = tiny_hf.hf_logits(with_adapter, IDS)[:, -IDS.shape[1] :]
+    assert np.abs(got - expected).max() <= 1e-4
+    with with_adapter.disable_adapter():
+        plain = tiny_hf.hf_logits(with_adapter, IDS)[:, -IDS.shape[1] :]
+    assert np.abs(plain - expected).max() > 1e-3
+    if method in ("prefix", "prompt"):
+        with pytest.raises(FtlibError, match="use --format=peft for prefix and prompt"):
+            export(str(workdir), "hf", str(tmp_path / "hf"))
+
+
+def test_peft_prefix_export_folds_the_projection_mlp(hf_base, tmp_path):
+    import peft as hf_peft
+    import tiny_hf
+    import torch
+    import transformers
+
+    from ftlib.hf.peft_format import save_peft
+
+    c = tiny.get_config("prefix")
+    c.peft.prefix.update(num_virtual_tokens=4, projection=True, projection_hidden=12)
+    src = load_pretrained(str(hf_base))
+    model = from_pretrained(src.hf_config, src.tensors)
+    peft.apply_method(model, c.peft)
+    expected = logits(model)
+    adapter = save_peft(model, c.peft, tmp_path / "peft", str(hf_base))
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    with_adapter = hf_peft.PeftModel.from_pretrained(base, adapter).eval()
+    assert np.abs(tiny_hf.hf_logits(with_adapter, IDS) - expected).max() <= 1e-4
+
+
+def test_peft_format_refuses_other_and_composite_methods(tmp_path):
+    for method in ("dora", "lora+prompt"):
+        workdir = tmp_path / method
+        workdir.mkdir()
+        c = tiny.get_config(method)
+        (workdir / "config.json").write_text(c.to_json())
+        with pytest.raises(FtlibError, match=re.escape(f"this run used {method!r}")):
+            export(str(workdir), "peft", str(tmp_path / "out"))
