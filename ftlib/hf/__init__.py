@@ -1,5 +1,5 @@
 """Pretrained checkpoints in, as HF-convention float32 numpy tensors: GGUF files and HF folders;
-HF folders and PEFT LoRA adapters out (and PEFT adapters back in)."""
+HF folders and PEFT adapters (LoRA, prompt, prefix, IA3) out; PEFT LoRA adapters back in."""
 
 from ftlib.hf.checkpoint_source import (
     CheckpointError,
