@@ -8,11 +8,12 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from configs import default
-from ftlib import masks, optim, peft, steps
+from ftlib import masks, peft, steps
 from ftlib.models.llama import Llama, LlamaConfig
 
 CFG = LlamaConfig(
@@ -38,10 +39,10 @@ def one_step(method, frozen_dtype="", **overrides):
     c = default.get_config()
     c.peft.method = method
     c.peft.lora.target_modules = r".*/(q|v|down)_proj"
-    c.optim.update(dict(learning_rate=1e-2, warmup_steps=0, end_lr_ratio=1.0, weight_decay=0.0))
-    c.optim.grad_clip_norm = 0.0
     mask = peft.apply_method(model, c.peft)
-    tx = optim.make_optimizer(c.optim, 10)
+    # Plain SGD: updated params differ exactly as the grads do (Adam's first step,
+    # ~lr * sign(g), would blow 1e-9 grads' rounding noise up to lr).
+    tx = optax.sgd(0.1)
     graphdef, state, frozen = steps.init_train_state(model, mask, tx, frozen_dtype)
     frozen_dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(frozen)}
     ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16)).astype(np.int32)
@@ -61,11 +62,10 @@ def one_step(method, frozen_dtype="", **overrides):
 def test_knob_gives_the_same_step(method, knob):
     loss, grad_norm, params, _ = one_step(method)
     k_loss, k_grad_norm, k_params, _ = one_step(method, **KNOBS[knob])
-    # Adam's first update is ~lr * sign(g): 1e-6-level rounding in g shows up at 1e-6.
     np.testing.assert_allclose(k_loss, loss, rtol=1e-6)
     np.testing.assert_allclose(k_grad_norm, grad_norm, rtol=1e-5)
     for path, value in params.items():
-        np.testing.assert_allclose(k_params[path], value, atol=1e-5, err_msg=path)
+        np.testing.assert_allclose(k_params[path], value, atol=1e-6, err_msg=path)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
