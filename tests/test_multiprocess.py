@@ -110,6 +110,7 @@ def test_two_processes_equal_one_process_and_resume(tmp_path, reference):
     _assert_same_run(tmp_path, reference())
 
 
+@pytest.mark.slow  # three runs in a row: ~2 min on an idle 2-core machine
 def test_resume_on_another_mesh(tmp_path, reference):
     _wait([_launch(tmp_path, 4, 8, mesh=(8, 1, 1))])
     out = _wait([_launch(tmp_path, 6, 8, mesh=(2, 2, 2))])
