@@ -102,7 +102,6 @@ def run_one(workload: str, mode: str) -> dict:
         state, metrics = step(state, frozen, b)
         metrics["loss"].block_until_ready()
         times.append(time.perf_counter() - start)
-    median = float(np.median(times[WARMUP:]))
 
     big = max([(d, f), (d, vocab)], key=lambda s: s[0] * s[1])
     x, w = jnp.ones((batch * seq, big[0])), jnp.ones(big)
@@ -121,21 +120,7 @@ def run_one(workload: str, mode: str) -> dict:
         if mask.trainable[p] and not p.endswith(("scale", "bias", "embedding"))
     )
     flops = model_flops(vocab, d, f, layers, batch, seq, trainable_matmul)
-    return {
-        "stack": "ftlib",
-        "workload": workload,
-        "mode": mode,
-        "median_step_s": median,
-        "tokens_per_s": batch * seq / median,
-        "compile_s": times[0] - median,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "params_total": mask.count(),
-        "params_trainable": mask.count(True),
-        "model_flops_per_step": flops,
-        "gflops_per_s": flops / median / 1e9,
-        "gemm_peak_gflops": gemm_peak,
-        "step_times_s": times,
-    }
+    return _record("ftlib", workload, mode, times, mask.count(), mask.count(True), flops, gemm_peak)
 
 
 def run_hf(workload: str, mode: str) -> dict:
@@ -183,14 +168,25 @@ def run_hf(workload: str, mode: str) -> dict:
         opt.step()
         loss.item()
         times.append(time.perf_counter() - start)
-    median = float(np.median(times[WARMUP:]))
     # The embedding's gradient is a scatter, not a matmul; lm_head's is a matmul.
     trainable_matmul = sum(p.numel() for p in trainable if p.dim() == 2) - (
         vocab * d if mode == "full" else 0
     )
     flops = model_flops(vocab, d, f, layers, batch, seq, trainable_matmul)
+    trainable_count = sum(p.numel() for p in trainable)
+    gemm_peak = _torch_gemm_peak(vocab, d, f, batch, seq)
+    record = _record("hf-peft", workload, mode, times, total, trainable_count, flops, gemm_peak)
+    return {**record, "torch_threads": torch.get_num_threads()}
+
+
+def _record(stack, workload, mode, times, total, trainable, flops, gemm_peak) -> dict:
+    """One JSON record; the first `WARMUP` step times are excluded from the median."""
+    import numpy as np
+
+    batch, seq = WORKLOADS[workload][5:]
+    median = float(np.median(times[WARMUP:]))
     return {
-        "stack": "hf-peft",
+        "stack": stack,
         "workload": workload,
         "mode": mode,
         "median_step_s": median,
@@ -198,12 +194,11 @@ def run_hf(workload: str, mode: str) -> dict:
         "compile_s": times[0] - median,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params_total": total,
-        "params_trainable": sum(p.numel() for p in trainable),
+        "params_trainable": trainable,
         "model_flops_per_step": flops,
         "gflops_per_s": flops / median / 1e9,
-        "gemm_peak_gflops": _torch_gemm_peak(vocab, d, f, batch, seq),
+        "gemm_peak_gflops": gemm_peak,
         "step_times_s": times,
-        "torch_threads": torch.get_num_threads(),
     }
 
 
