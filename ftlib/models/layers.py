@@ -55,10 +55,35 @@ class Linear(nnx.Module):
 
     def __call__(self, x, rng=None):
         del rng  # only adapters that replace this layer use randomness (e.g. LoRA dropout)
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+@jax.custom_vjp
+def matmul(x_TI, w_IO):
+    """x @ w over the last dim of x, with a backward that XLA compiles well on CPU."""
+    return jnp.dot(x_TI, w_IO)
+
+
+def _matmul_fwd(x_TI, w_IO):
+    return jnp.dot(x_TI, w_IO), (x_TI, w_IO)
+
+
+def _matmul_bwd(res, g_TO):
+    """Autodiff's dw contracts x and g over their leading (token) dim, and XLA then
+    transposes one of them in memory, often the wide gradient, fused with the
+    elementwise work that produces it (a slow strided loop on CPU). Transposing x
+    explicitly (the barrier stops XLA folding it back into the dot) is cheaper.
+    When w is frozen dw is unused and XLA drops it."""
+    x_TI, w_IO = res
+    x_NI, g_NO = x_TI.reshape(-1, x_TI.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
+    x_IN = jax.lax.optimization_barrier(x_NI.T)
+    return jnp.dot(g_TO, w_IO.T), jnp.dot(x_IN, g_NO)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -110,16 +135,3 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
     rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
     cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
     return (x_BTNH * cos + rotated * sin).astype(x_BTNH.dtype)
-
-
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-    """Softmax attention where N query heads share K key/value heads in groups of
-    N // K (GQA; K == N is plain multi-head). mask_BTS: query t may see key s."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) * (H**-0.5)
-    scores = jnp.where(mask_BTS[:, None, None], scores.astype(jnp.float32), -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-    return out_BTKGH.reshape(B, T, N, H)

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx, struct
 
 from ftlib.errors import FtlibError
-from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, attention, rope_tables
+from ftlib.models.attention import attention, causal_attention
+from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_tables
 
 REMAT_POLICIES = {
     "none": None,
@@ -101,11 +102,13 @@ class Attention(nnx.Module):
         k = self.k_proj(x_BTD, rng=keys[1]).reshape(B, T, K, H)
         v = self.v_proj(x_BTD, rng=keys[2]).reshape(B, T, K, H)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
+        if kv is None:  # self-attention over this call's tokens: the mask is causal
+            out_BTNH = causal_attention(q, k, v, mask_BTS)
+        else:
             k_buf, v_buf, index = kv
             k = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_buf, v.astype(v_buf.dtype), index, axis=1)
-        out_BTNH = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
+            out_BTNH = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
         out = self.o_proj(out_BTNH.reshape(B, T, N * H), rng=keys[3])
         return out, None if kv is None else (k, v)
 

@@ -7,6 +7,7 @@ wrapper is mergeable (see ftlib.peft.merging): `merged_kernel()` is W + scale A^
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -50,9 +51,9 @@ class LoRALinear(nnx.Module):
     def lora_path(self, x):
         """scale * x A^T B for the (already dropped-out) input x."""
         dt = self.base.dtype
-        # Scale the rank-r intermediate, not the d_out-wide output: one small multiply.
-        h = jnp.einsum("...d,rd->...r", x.astype(dt), self.lora_a[...].astype(dt)) * self.scale
-        return jnp.dot(h, self.lora_b[...].astype(dt))
+        return lora_product(
+            self.scale, x.astype(dt), self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
+        )
 
     def delta_kernel(self):
         """scale A^T B, [*layers, in, out] like the base kernel."""
@@ -68,6 +69,35 @@ class LoRALinear(nnx.Module):
     def unmerged(self, kernel, bias):
         """Inverse of (merged_kernel, merged_bias): the base kernel and bias."""
         return kernel - self.delta_kernel(), bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lora_product(scale: float, x_TD, a_RD, b_RO):
+    """scale * x A^T B, with the rank-r intermediate scaled (one small multiply)."""
+    return _lora_product_fwd(scale, x_TD, a_RD, b_RO)[0]
+
+
+def _lora_product_fwd(scale, x_TD, a_RD, b_RO):
+    xa_TR = jnp.einsum("...d,rd->...r", x_TD, a_RD) * scale
+    return jnp.dot(xa_TR, b_RO), (x_TD, a_RD, b_RO, xa_TR)
+
+
+def _lora_product_bwd(scale, res, g_TO):
+    """Autodiff would contract the big [tokens, d] operands over their leading
+    dim, and XLA then transposes them in memory (on CPU a slow strided copy of
+    the incoming gradient per projection). Here only the rank-r factors are
+    transposed; the barrier keeps XLA from folding that transpose back into
+    the dot."""
+    x_TD, a_RD, b_RO, xa_TR = res
+    x_ND, g_NO = x_TD.reshape(-1, x_TD.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
+    xa_NR = xa_TR.reshape(-1, xa_TR.shape[-1])
+    dxa_NR = jnp.dot(g_NO, b_RO.T) * scale
+    xa_RN, dxa_RN = jax.lax.optimization_barrier((xa_NR.T, dxa_NR.T))
+    dx_TD = jnp.dot(dxa_NR, a_RD).reshape(x_TD.shape)
+    return dx_TD, jnp.dot(dxa_RN, x_ND), jnp.dot(xa_RN, g_NO)
+
+
+lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
 
 
 def dropout(x, rate: float, rng):

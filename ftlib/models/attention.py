@@ -1,0 +1,124 @@
+"""Softmax attention: a general masked version, and a causal block-skipping one
+with a hand-written backward that training uses.
+
+Why the second one exists: on CPU (and at fine-tuning sequence lengths on any
+backend) autodiff of the plain version materialises the whole [T, S] score and
+probability matrices, half of which the causal mask throws away, and XLA's
+layouts for its backward add transposes. `causal_attention` cuts queries into
+blocks and gives block i only keys [0, end of block i): the work above the
+diagonal is never done, and the backward reuses the saved probabilities.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Softmax attention where N query heads share K key/value heads in groups of
+    N // K (GQA; K == N is plain multi-head). mask_BTS: query t may see key s."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) * (H**-0.5)
+    scores = jnp.where(mask_BTS[:, None, None], scores.astype(jnp.float32), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def query_blocks(T: int, target: int = 128) -> int:
+    """How many equal query blocks causal_attention cuts T into: blocks of about
+    `target` rows (big enough for efficient matmuls), at most 16 of them."""
+    n = max(1, min(16, T // target))
+    while T % n:
+        n -= 1
+    return n
+
+
+def causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, num_blocks: int | None = None):
+    """`attention` for self-attention whose mask is causal (key s > query t never
+    visible; segment or padding masks on top are fine). Same result, about half
+    the work: query block i only meets keys up to its own end."""
+    T = q_BTNH.shape[1]
+    n = query_blocks(T) if num_blocks is None else num_blocks
+    return _causal(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)
+
+
+def _to_heads(q_BTNH, k_BTKH, v_BTKH):
+    """-> q_BKRH with rows r = t * G + g (so a block of queries is a block of rows),
+    k_BKTH, v_BKTH."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    q_BKRH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)
+    return q_BKRH, k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+
+
+def _block_mask(mask_BTT, i, rows, G):
+    """Block i's mask [B, 1, rows * G, (i + 1) * rows], repeated over the G query
+    heads of each key/value head."""
+    m_BtS = mask_BTT[:, i * rows : (i + 1) * rows, : (i + 1) * rows]
+    return jnp.repeat(m_BtS, G, axis=1)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _causal(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
+    return _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)[0]
+
+
+def _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
+    B, T, N, H = q_BTNH.shape
+    G, rows = N // k_BTKH.shape[2], T // n
+    q_BKRH, k_BKTH, v_BKTH = _to_heads(q_BTNH * (H**-0.5), k_BTKH, v_BTKH)
+    outs, probs = [], []
+    for i in range(n):
+        q_i = q_BKRH[:, :, i * rows * G : (i + 1) * rows * G]
+        end = (i + 1) * rows
+        s = jnp.einsum("bkrh,bksh->bkrs", q_i, k_BKTH[:, :, :end]).astype(jnp.float32)
+        s = jnp.where(_block_mask(mask_BTT, i, rows, G), s, NEG_INF)
+        p = jax.nn.softmax(s, axis=-1).astype(v_BKTH.dtype)
+        outs.append(jnp.einsum("bkrs,bksh->bkrh", p, v_BKTH[:, :, :end]))
+        probs.append(p)
+    o_BKRH = jnp.concatenate(outs, axis=2)
+    out = o_BKRH.reshape(B, -1, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    return out, (q_BKRH, k_BKTH, v_BKTH, o_BKRH, probs, mask_BTT)
+
+
+def _causal_bwd(n, res, dout_BTNH):
+    q_BKRH, k_BKTH, v_BKTH, o_BKRH, probs, mask_BTT = res
+    B, T, N, H = dout_BTNH.shape
+    K = k_BKTH.shape[1]
+    G, rows = N // K, T // n
+    do_BKRH = (
+        dout_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)
+    ).astype(o_BKRH.dtype)
+    # softmax backward: ds = p * (dp - sum_s p * dp), and sum_s p * dp = do . o
+    delta_BKR = jnp.sum(do_BKRH.astype(jnp.float32) * o_BKRH.astype(jnp.float32), axis=-1)
+    dqs, dk, dv = [], jnp.zeros(k_BKTH.shape, jnp.float32), jnp.zeros(v_BKTH.shape, jnp.float32)
+    for i, p in enumerate(probs):
+        r = slice(i * rows * G, (i + 1) * rows * G)
+        end = (i + 1) * rows
+        do_i, q_i = do_BKRH[:, :, r], q_BKRH[:, :, r]
+        dv_i = jnp.einsum("bkrs,bkrh->bksh", p, do_i, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkrh,bksh->bkrs", do_i, v_BKTH[:, :, :end]).astype(jnp.float32)
+        ds = (p.astype(jnp.float32) * (dp - delta_BKR[:, :, r, None])).astype(q_i.dtype)
+        dqs.append(jnp.einsum("bkrs,bksh->bkrh", ds, k_BKTH[:, :, :end]))
+        dk_i = jnp.einsum("bkrs,bkrh->bksh", ds, q_i, preferred_element_type=jnp.float32)
+        dk = dk.at[:, :, :end].add(dk_i)
+        dv = dv.at[:, :, :end].add(dv_i)
+    dq_BKRH = jnp.concatenate(dqs, axis=2) * (H**-0.5)
+    dq = dq_BKRH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    return (
+        dq.astype(dout_BTNH.dtype),
+        dk.transpose(0, 2, 1, 3).astype(k_BKTH.dtype),
+        dv.transpose(0, 2, 1, 3).astype(v_BKTH.dtype),
+        None,
+    )
+
+
+_causal.defvjp(_causal_fwd, _causal_bwd)
