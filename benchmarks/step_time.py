@@ -69,15 +69,12 @@ def train_setup(cfg, mode: str, total_steps: int):
     return jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0), state, frozen, mask
 
 
-def run_one(workload: str, mode: str) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
+def llama_config(workload: str):
+    """The workload's Llama: untied embeddings, no biases, RMSNorm eps 1e-5, theta 1e4."""
     from ftlib.models.llama import LlamaConfig
 
-    vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
-    cfg = LlamaConfig(
+    vocab, d, f, layers, heads, _, _ = WORKLOADS[workload]
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=d,
         intermediate_size=f,
@@ -89,7 +86,15 @@ def run_one(workload: str, mode: str) -> dict:
         rope_theta=10000.0,
         tie_embeddings=False,
     )
-    step, state, frozen, mask = train_setup(cfg, mode, WARMUP + TIMED)
+
+
+def run_one(workload: str, mode: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
+    step, state, frozen, mask = train_setup(llama_config(workload), mode, WARMUP + TIMED)
     ids = np.random.default_rng(1234).integers(0, vocab, (WARMUP + TIMED, batch, seq))
     ones = np.ones((batch, seq), np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))

@@ -24,8 +24,8 @@ METHOD_LR = {
     "prefix": 5e-3,  # Li & Liang 2021 / HF PEFT prefix-tuning examples
     "prompt": 3e-2,  # Lester et al. 2021 use 0.3 with Adafactor; AdamW wants less
 }
-# Methods that need hooks a base model does not have yet.
-UNSUPPORTED = {"minilm": ("prefix", "prompt")}
+# Methods a base model cannot run (every method runs on both bases now).
+UNSUPPORTED: dict[str, tuple[str, ...]] = {}
 
 
 def get_config(arg="smollm2"):

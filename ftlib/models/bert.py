@@ -47,6 +47,14 @@ class BertConfig:
     scan_unroll: int = 1
     remat: str = "none"  # one of llama.REMAT_POLICIES
 
+    @property
+    def num_kv_heads(self) -> int:  # what the prefix-tuning hook sizes its keys by
+        return self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise FtlibError(f"model.pooling={self.pooling!r} is not one of {POOLINGS}")
@@ -129,12 +137,29 @@ class Embeddings(nnx.Module):
         self.norm = LayerNorm(d, cfg.layer_norm_eps, rngs=rngs, param_dtype=pdt)
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, input_ids_BT, token_type_ids_BT):
-        T = input_ids_BT.shape[1]
+    def __call__(self, input_ids_BT, token_type_ids_BT, soft_ND=None, first_position=0):
+        """soft_ND: prompt-tuning embeddings placed before the input's word embeddings
+        (they get positions and token type 0 like any token, as in HF PEFT);
+        first_position: where positions start (prefix tuning shifts them, as HF does
+        for past keys)."""
+        word_BTD = jnp.take(self.word[...], input_ids_BT, axis=0)
+        type_ids_BT = token_type_ids_BT
+        if soft_ND is not None:
+            B, N = input_ids_BT.shape[0], soft_ND.shape[0]
+            soft_BND = jnp.broadcast_to(soft_ND.astype(word_BTD.dtype), (B, *soft_ND.shape))
+            word_BTD = jnp.concatenate([soft_BND, word_BTD], axis=1)
+            type_ids_BT = jnp.concatenate([jnp.zeros((B, N), type_ids_BT.dtype), type_ids_BT], 1)
+        T = word_BTD.shape[1]
+        if first_position + T > self.position.shape[0]:
+            raise FtlibError(
+                f"BERT has {self.position.shape[0]} positions; {T} tokens starting at position "
+                f"{first_position} (virtual tokens included) do not fit: shorten data.seq_len "
+                "or the prefix/prompt"
+            )
         h_BTD = (
-            jnp.take(self.word[...], input_ids_BT, axis=0)
-            + self.position[...][None, :T]
-            + jnp.take(self.token_type[...], token_type_ids_BT, axis=0)
+            word_BTD
+            + self.position[...][None, first_position : first_position + T]
+            + jnp.take(self.token_type[...], type_ids_BT, axis=0)
         )
         return self.norm(h_BTD).astype(self.dtype)
 
@@ -148,13 +173,19 @@ class Attention(nnx.Module):
         self.output = Linear(d, d, ("heads", "embed"), rngs=rngs, use_bias=True, **kw)
         self.num_heads, self.attention_dropout = cfg.num_heads, cfg.attention_dropout
 
-    def __call__(self, x_BTD, mask_BS, rng=None):
+    def __call__(self, x_BTD, mask_BS, rng=None, prefix_kv=None):
+        """prefix_kv: None or this layer's prefix (k_PNH, v_PNH), attended to by every
+        token before its own keys."""
         B, T, D = x_BTD.shape
         N = self.num_heads
         keys = _split(rng, 5)
         q = self.query(x_BTD, rng=keys[0]).reshape(B, T, N, D // N)
         k = self.key(x_BTD, rng=keys[1]).reshape(B, T, N, D // N)
         v = self.value(x_BTD, rng=keys[2]).reshape(B, T, N, D // N)
+        if prefix_kv is not None:
+            k_BPNH, v_BPNH = (jnp.broadcast_to(x.astype(k.dtype), (B, *x.shape)) for x in prefix_kv)
+            k, v = jnp.concatenate([k_BPNH, k], 1), jnp.concatenate([v_BPNH, v], 1)
+            mask_BS = jnp.concatenate([jnp.ones((B, k_BPNH.shape[1]), bool), mask_BS], 1)
         scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q, k) * ((D // N) ** -0.5)
         # Finite fill: an all-padding filler row gets uniform weights instead of NaNs.
         scores_BNTS = jnp.where(mask_BS[:, None, None], scores_BNTS.astype(jnp.float32), -1e30)
@@ -189,9 +220,10 @@ class Block(nnx.Module):
         self.output_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **norm)
         self.hidden_dropout = cfg.hidden_dropout
 
-    def __call__(self, x_BTD, mask_BS, rng=None):
+    def __call__(self, x_BTD, mask_BS, rng=None, prefix_kv=None):
         keys = _split(rng, 4)
-        a = dropout(self.attention(x_BTD, mask_BS, rng=keys[0]), self.hidden_dropout, keys[1])
+        a = self.attention(x_BTD, mask_BS, rng=keys[0], prefix_kv=prefix_kv)
+        a = dropout(a, self.hidden_dropout, keys[1])
         x_BTD = self.attention_norm(x_BTD + a)
         m = dropout(self.mlp(x_BTD, rng=keys[2]), self.hidden_dropout, keys[3])
         return self.output_norm(x_BTD + m)
@@ -225,33 +257,52 @@ class BertClassifier(nnx.Module):
             else None
         )
         self.classifier = _classifier(cfg, rngs)
+        # PEFT hooks, None unless a method installs them (same contract as Llama's):
+        # `prefix() -> (k_LPKH, v_LPKH)` keys/values every token attends to in each
+        # layer (positions shift by P); `prompt() -> soft_ND` embeddings before the
+        # input (positions shift by N). Outputs cover only the T input positions.
+        self.prefix = nnx.data(None)
+        self.prompt = nnx.data(None)
+
+    def token_embeddings(self):
+        """The [vocab, D] word-embedding table (prompt tuning initialises from it)."""
+        return self.embeddings.word[...]
 
     def hidden(self, input_ids_BT, attention_mask_BT=None, token_type_ids_BT=None, *, rng=None):
         """Last hidden states [B, T, D]; attention_mask 0 marks padding (never attended to)."""
+        B, T = input_ids_BT.shape
         if attention_mask_BT is None:
             attention_mask_BT = jnp.ones(input_ids_BT.shape, bool)
         if token_type_ids_BT is None:
             token_type_ids_BT = jnp.zeros(input_ids_BT.shape, jnp.int32)
         keys = _split(rng, 2)
-        h = self.embeddings(input_ids_BT, token_type_ids_BT)
+        prefix_kv = None if self.prefix is None else self.prefix()
+        soft_ND = None if self.prompt is None else self.prompt()
+        P = 0 if prefix_kv is None else prefix_kv[0].shape[1]
+        N = 0 if soft_ND is None else soft_ND.shape[0]
+        h = self.embeddings(input_ids_BT, token_type_ids_BT, soft_ND, first_position=P)
         h = dropout(h, self.cfg.hidden_dropout, keys[0])
-        return self._run_blocks(h, attention_mask_BT.astype(bool), keys[1])
+        mask_BS = jnp.concatenate([jnp.ones((B, N), bool), attention_mask_BT.astype(bool)], 1)
+        return self._run_blocks(h, mask_BS, keys[1], prefix_kv)[:, N:]
 
-    def _run_blocks(self, h, mask_BS, rng):
+    def _run_blocks(self, h, mask_BS, rng, prefix_kv=None):
         graphdef, state = nnx.split(self.encoder)
         L = self.cfg.num_layers
         keys = jax.random.split(rng, L) if rng is not None else None
 
         def body(h, layer):
-            layer_state, key = layer
-            return nnx.merge(graphdef, layer_state)(h, mask_BS, rng=key), None
+            layer_state, key, layer_prefix = layer
+            return nnx.merge(graphdef, layer_state)(
+                h, mask_BS, rng=key, prefix_kv=layer_prefix
+            ), None
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+        xs = (state, keys, prefix_kv)
         if self.cfg.scan_layers:
-            return jax.lax.scan(body, h, (state, keys), unroll=self.cfg.scan_unroll)[0]
+            return jax.lax.scan(body, h, xs, unroll=self.cfg.scan_unroll)[0]
         for i in range(L):
-            h = body(h, jax.tree.map(lambda x: x[i], (state, keys)))[0]
+            h = body(h, jax.tree.map(lambda x: x[i], xs))[0]
         return h
 
     def pool(self, h_BTD, attention_mask_BT=None):

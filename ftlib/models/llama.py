@@ -199,6 +199,10 @@ class Llama(nnx.Module):
         self.prefix = nnx.data(None)
         self.prompt = nnx.data(None)
 
+    def token_embeddings(self):
+        """The [vocab, D] input embedding table (prompt tuning initialises from it)."""
+        return self.embed.embedding[...]
+
     def hidden(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, *, rng=None):
         """Final-norm hidden states [B, T, D]. segment_ids 0 = padding; tokens attend
         causally within their own segment only (packed rows stay independent)."""

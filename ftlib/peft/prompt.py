@@ -44,7 +44,7 @@ def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
         raise FtlibError(f"{type(model).__name__} has no free prompt hook for peft method 'prompt'")
     if c.num_virtual_tokens <= 0:
         raise FtlibError(f"peft.prompt.num_virtual_tokens must be > 0, got {c.num_virtual_tokens}")
-    table_VD = model.embed.embedding[...]
+    table_VD = model.token_embeddings()
     ids_N = init_ids(c.init_token_ids, c.num_virtual_tokens, table_VD.shape[0], rngs)
     model.prompt = SoftPrompt(jnp.take(table_VD, ids_N, axis=0))
 
