@@ -90,6 +90,7 @@ def get_config(arg=None):
     c.peft.prompt = ml_collections.ConfigDict()
     c.peft.prompt.num_virtual_tokens = 16  # N soft tokens
     c.peft.prompt.init_token_ids = ()  # token ids (of a text) to init from; () = random vocab
+    c.peft.prompt.init_text = ""  # or a text: the trainer tokenizes it into init_token_ids
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 5e-4  # peak, after linear warmup

@@ -14,7 +14,7 @@ from configs import default
 from ftlib import masks, optim, peft, sharding, steps
 from ftlib.errors import FtlibError
 from ftlib.models.llama import Llama, LlamaConfig
-from ftlib.peft import prefix
+from ftlib.peft import prefix, prompt
 
 CFG = LlamaConfig(
     vocab_size=64,
@@ -83,6 +83,25 @@ def test_prompt_init_from_ids_repeats_and_random_init_uses_vocab_rows():
     peft.apply_method(model, peft_cfg("prompt", n=5))
     soft = np.asarray(model.prompt.embedding[...])
     assert all((np.abs(table - row).max(axis=1) == 0).any() for row in soft)
+
+
+def test_prompt_init_from_text_uses_its_tokens():
+    def tokenizer(text, add_special_tokens=True):  # one token per word: 'a' -> 1, 'b' -> 2, ...
+        assert not add_special_tokens  # PEFT's TEXT init tokenizes without BOS/EOS
+        return {"input_ids": [ord(w) - ord("a") + 1 for w in text.split()]}
+
+    c = peft_cfg("prompt", n=4, init_text="c a d")
+    prompt.resolve_init_text(c, tokenizer)
+    assert tuple(c.prompt.init_token_ids) == (3, 1, 4)
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    peft.apply_method(model, c)
+    table = np.asarray(model.embed.embedding[...])
+    np.testing.assert_array_equal(model.prompt.embedding[...], table[[3, 1, 4, 3]])
+    prompt.resolve_init_text(c, tokenizer)  # a resolved config (e.g. config.json) stays valid
+    with pytest.raises(FtlibError, match="disagree"):
+        prompt.resolve_init_text(peft_cfg("prompt", init_text="a", init_token_ids=(5,)), tokenizer)
+    with pytest.raises(FtlibError, match="tokenized by the trainer"):
+        peft.apply_method(Llama(CFG, rngs=nnx.Rngs(0)), peft_cfg("prompt", init_text="a b"))
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])

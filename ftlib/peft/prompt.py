@@ -1,8 +1,9 @@
 """Prompt tuning (Lester et al. 2021): N trainable soft-token embeddings
 prepended to the input, installed as the model's `prompt` hook.
 
-Initialised like HF PEFT's TEXT init from `init_token_ids` (the caller tokenizes
-its text; the ids repeat or are cut to N), else from the embeddings of N random
+Initialised like HF PEFT's TEXT init from `init_token_ids`, or from `init_text`,
+which the trainer tokenizes into those ids (`resolve_init_text`); the ids repeat
+or are cut to N. Otherwise from the embeddings of N random
 vocabulary tokens (PEFT's SAMPLE_VOCAB), which keeps them in the embedding
 distribution. The soft tokens take positions 0..N-1 and the input N.., as in PEFT.
 """
@@ -38,8 +39,29 @@ def init_ids(token_ids, n: int, vocab_size: int, rngs: nnx.Rngs):
     return jnp.asarray(np.resize(ids, n))  # repeats a short list, cuts a long one
 
 
+def resolve_init_text(cfg, tokenizer) -> None:
+    """Sets peft.prompt.init_token_ids to the tokens of peft.prompt.init_text (no
+    special tokens, as PEFT's TEXT init), so the run's saved config holds both."""
+    c = cfg.prompt
+    if not c.get("init_text"):
+        return
+    ids = tuple(int(i) for i in tokenizer(c.init_text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise FtlibError(f"peft.prompt.init_text {c.init_text!r} has no tokens")
+    if c.init_token_ids and tuple(c.init_token_ids) != ids:
+        raise FtlibError(
+            "peft.prompt.init_text and peft.prompt.init_token_ids disagree: set only one"
+        )
+    c.init_token_ids = ids
+
+
 def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
     c = cfg.prompt
+    if c.get("init_text") and not c.init_token_ids:
+        raise FtlibError(
+            "peft.prompt.init_text is tokenized by the trainer (prompt.resolve_init_text); "
+            "outside it, give peft.prompt.init_token_ids"
+        )
     if getattr(model, "prompt", False) is not None:
         raise FtlibError(f"{type(model).__name__} has no free prompt hook for peft method 'prompt'")
     if c.num_virtual_tokens <= 0:
@@ -51,4 +73,4 @@ def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
 
 # Only the soft tokens train.
 TRAINABLE_RULES = ((r"prompt/embedding", True), (r".*", False))
-OPTIONS = ("num_virtual_tokens", "init_token_ids")
+OPTIONS = ("num_virtual_tokens", "init_token_ids", "init_text")
