@@ -22,8 +22,13 @@ def _segment_mask(B, T):
 
 
 def _vjp(fn, *args, cotangent):
-    out, pullback = jax.vjp(fn, *args)
-    return out, pullback(cotangent)
+    """-> (fn(*args), its VJP at `cotangent`), jitted (eager dispatch is slow)."""
+
+    def value_and_pullback(*args):
+        out, pullback = jax.vjp(fn, *args)
+        return out, pullback(cotangent)
+
+    return jax.jit(value_and_pullback)(*args)
 
 
 @pytest.mark.parametrize("heads,kv_heads,num_blocks", [(4, 4, 1), (4, 2, 2), (6, 1, 4), (4, 4, 8)])
