@@ -62,9 +62,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="experiments/minilm_rt_lora/hf_reference.json")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--split_seed", type=int, default=0, help="ftlib's data.split_seed (0: the config's)"
+    )
     args = parser.parse_args()
 
     c = minilm_rt_lora.get_config()
+    c.data.split_seed = args.split_seed
     tokenizer = ftlib.hf.load_pretrained(c.model.checkpoint, weights=False).tokenizer
     task = ftlib.data.load_task(c.data, tokenizer)
     train, val, test = (task.examples[s] for s in ("train", "val", "test"))
@@ -101,7 +105,12 @@ def main():
             "peft": peft.__version__,
             "threads": torch.get_num_threads(),
         },
-        "split": {"train": len(train), "val": len(val), "test": len(test)},
+        "split": {
+            "split_seed": args.split_seed,
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+        },
         "epochs": [],
     }
     step = 0
