@@ -86,6 +86,10 @@ def get_config(arg=None):
     c.peft.prefix.num_virtual_tokens = 16  # P prefix vectors per layer (and kv head)
     c.peft.prefix.projection = False  # train through PEFT's tanh MLP (fold it for inference)
     c.peft.prefix.projection_hidden = 0  # that MLP's width; 0 = kv_heads * head_dim (PEFT's)
+    # Li & Liang's init: the base model's own keys/values of a text's tokens (repeated or
+    # cut to P); () = PEFT's random N(0, 1), which can swamp a pretrained model's attention.
+    c.peft.prefix.init_token_ids = ()
+    c.peft.prefix.init_text = ""  # or a text: the trainer tokenizes it into init_token_ids
     # Prompt tuning: trainable soft tokens prepended to the input embeddings.
     c.peft.prompt = ml_collections.ConfigDict()
     c.peft.prompt.num_virtual_tokens = 16  # N soft tokens

@@ -35,6 +35,11 @@ def get_config(arg="smollm2"):
         c.eval.every = 40
         c.eval.zero_shot = False  # the same base for every method: measured once in the README
         c.peft.bitfit.include_norms = True  # Llama has no biases: BitFit's norm-scale variant
+        # Li & Liang's init from real words: PEFT's random N(0, 1) prefix swamps the
+        # pretrained attention (measured: 0.523 test, below the 0.775 zero-shot).
+        c.peft.prefix.init_text = (
+            "Classify the sentiment of this movie review as positive or negative."
+        )
     elif arg == "minilm":
         c = minilm_rt_lora.get_config()
         c.max_steps = 265  # one epoch

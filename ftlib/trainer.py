@@ -167,7 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model, tokenizer = build_model(config.model, config.seed, num_labels)
     task = data.load_task(config.data, tokenizer)
     print(f"data: {task.stats}")
-    peft.prompt.resolve_init_text(config.peft, tokenizer)
+    peft.resolve_init_texts(config.peft, tokenizer)
     mask = peft.apply_method(model, config.peft, config.seed)
     if config.peft.init_adapter:
         kind = adapters.load_initial(model, config.peft.init_adapter, config.peft)

@@ -88,6 +88,13 @@ def test_too_many_positions_is_a_clear_error():
         model.hidden(jnp.zeros((1, 15), jnp.int32))
 
 
+def test_prefix_init_from_text_needs_a_kv_cache():
+    # Li & Liang's init reads the model's own keys/values of the text: an encoder has none.
+    model = BertClassifier(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(FtlibError, match="need a decoder with a KV cache; BertClassifier"):
+        peft.apply_method(model, peft_cfg("prefix", init_token_ids=(1, 2)))
+
+
 @pytest.mark.slow  # imports torch, transformers and peft
 def test_prompt_matches_hf_peft_sequence_classification():
     """Same final hidden states (real tokens) as HF PEFT's prompt tuning of the same

@@ -14,7 +14,7 @@ from configs import default
 from ftlib import masks, optim, peft, sharding, steps
 from ftlib.errors import FtlibError
 from ftlib.models.llama import Llama, LlamaConfig
-from ftlib.peft import prefix, prompt
+from ftlib.peft import prefix
 
 CFG = LlamaConfig(
     vocab_size=64,
@@ -64,6 +64,15 @@ def test_prefix_of_text_keys_equals_running_on_text_then_input():
     np.testing.assert_allclose(run(model, y[None])[0], want, atol=1e-5)
 
 
+def test_prefix_init_from_token_ids_is_the_model_reading_them_first():
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    x, y = ids(1, 2), ids(2, 6)
+    x4 = jnp.concatenate([x, x])  # two ids for P=4 virtual tokens: repeated
+    want = run(model, jnp.concatenate([x4, y])[None])[0, 4:]
+    peft.apply_method(model, peft_cfg("prefix", n=4, init_token_ids=tuple(int(i) for i in x)))
+    np.testing.assert_allclose(run(model, y[None])[0], want, atol=1e-5)
+
+
 def test_prompt_of_text_embeddings_equals_running_on_text_then_input():
     model = Llama(CFG, rngs=nnx.Rngs(0))
     x, y = ids(1, 5), ids(2, 6)
@@ -91,17 +100,23 @@ def test_prompt_init_from_text_uses_its_tokens():
         return {"input_ids": [ord(w) - ord("a") + 1 for w in text.split()]}
 
     c = peft_cfg("prompt", n=4, init_text="c a d")
-    prompt.resolve_init_text(c, tokenizer)
+    peft.resolve_init_texts(c, tokenizer)
     assert tuple(c.prompt.init_token_ids) == (3, 1, 4)
     model = Llama(CFG, rngs=nnx.Rngs(0))
     peft.apply_method(model, c)
     table = np.asarray(model.embed.embedding[...])
     np.testing.assert_array_equal(model.prompt.embedding[...], table[[3, 1, 4, 3]])
-    prompt.resolve_init_text(c, tokenizer)  # a resolved config (e.g. config.json) stays valid
-    with pytest.raises(FtlibError, match="disagree"):
-        prompt.resolve_init_text(peft_cfg("prompt", init_text="a", init_token_ids=(5,)), tokenizer)
-    with pytest.raises(FtlibError, match="tokenized by the trainer"):
+    peft.resolve_init_texts(c, tokenizer)  # a resolved config (e.g. config.json) stays valid
+    with pytest.raises(FtlibError, match="peft.prompt.init_text and .* disagree"):
+        peft.resolve_init_texts(peft_cfg("prompt", init_text="a", init_token_ids=(5,)), tokenizer)
+    with pytest.raises(FtlibError, match="peft.prompt.init_text is tokenized by the trainer"):
         peft.apply_method(Llama(CFG, rngs=nnx.Rngs(0)), peft_cfg("prompt", init_text="a b"))
+    # The prefix's init_text resolves the same way; the prompt block is left alone.
+    c = peft_cfg("prefix", n=4, init_text="b b")
+    peft.resolve_init_texts(c, tokenizer)
+    assert tuple(c.prefix.init_token_ids) == (2, 2) and not c.prompt.init_token_ids
+    with pytest.raises(FtlibError, match="peft.prefix.init_text is tokenized by the trainer"):
+        peft.apply_method(Llama(CFG, rngs=nnx.Rngs(0)), peft_cfg("prefix", init_text="a b"))
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
@@ -213,6 +228,10 @@ def test_user_errors():
         peft.apply_method(model, peft_cfg("prompt", n=-2))
     with pytest.raises(FtlibError, match=r"init_token_ids must lie in \[0, 64\), got 3..64"):
         peft.apply_method(model, peft_cfg("prompt", init_token_ids=(3, 64)))
+    with pytest.raises(FtlibError, match=r"peft.prefix.init_token_ids must lie in \[0, 64\)"):
+        peft.apply_method(model, peft_cfg("prefix", init_token_ids=(-1,)))
+    with pytest.raises(FtlibError, match="use them with peft.prefix.projection=False"):
+        peft.apply_method(model, peft_cfg("prefix", projection=True, init_token_ids=(1,)))
 
 
 def test_every_new_param_has_a_sharding_rule():

@@ -13,6 +13,7 @@ from __future__ import annotations
 from flax import nnx
 
 from ftlib import masks
+from ftlib.errors import FtlibError
 from ftlib.peft import adapter, bitfit, compose, dora, full, ia3, lora, prefix, prompt
 from ftlib.peft.merging import merge, unmerge  # noqa: F401 (the package API)
 
@@ -37,6 +38,24 @@ def check_config(peft_cfg, overrides=()) -> None:
     """Raises on unknown methods, missing or unknown options, and on `overrides`
     (dotted keys the user set) that are options of methods not selected."""
     compose.check_options(peft_cfg, selected_methods(peft_cfg), overrides)
+
+
+def resolve_init_texts(peft_cfg, tokenizer) -> None:
+    """For each selected method with an `init_text` option (prompt, prefix), sets its
+    `init_token_ids` to the text's tokens (no special tokens, as PEFT's TEXT init), so
+    the run's saved config holds both."""
+    for name, method in selected_methods(peft_cfg).items():
+        c = peft_cfg[name]
+        if "init_text" not in method.OPTIONS or not c.get("init_text"):
+            continue
+        ids = tuple(int(i) for i in tokenizer(c.init_text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise FtlibError(f"peft.{name}.init_text {c.init_text!r} has no tokens")
+        if c.init_token_ids and tuple(c.init_token_ids) != ids:
+            raise FtlibError(
+                f"peft.{name}.init_text and peft.{name}.init_token_ids disagree: set only one"
+            )
+        c.init_token_ids = ids
 
 
 def apply_method(model: nnx.Module, peft_cfg, seed: int = 0) -> masks.Mask:

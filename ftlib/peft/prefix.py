@@ -6,6 +6,10 @@ without RoPE, real tokens' positions shift by P, and with GQA there are P
 vectors per kv head (K heads, not the N query heads). With `projection` the
 prefix is PEFT's `prefix_projection` reparameterisation, embedding -> Linear ->
 tanh -> Linear, for training; `fold` turns it into plain vectors for inference.
+
+Init: PEFT's random N(0, 1) vectors, or (`init_token_ids` / `init_text`, Li & Liang's
+"activations of real words") the base model's own keys and values of those tokens,
+repeated or cut to P, so that at init the model is the base model reading that text first.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from flax import nnx
 
 from ftlib.errors import FtlibError
 from ftlib.models.layers import param
+from ftlib.peft import prompt
 
 
 def _uniform(fan_in: int):
@@ -111,8 +116,22 @@ def from_peft(embeddings_PX, num_layers: int, num_kv_heads: int):
     return kv_2LPKH[0], kv_2LPKH[1]
 
 
+def text_keys_values(model: nnx.Module, ids_P):
+    """The base model's cached keys (RoPE'd at positions 0..P-1) and values of the
+    tokens `ids_P` -> (k_LPKH, v_LPKH): as a prefix, the model then reads them first."""
+    if not hasattr(model, "prefill"):
+        raise FtlibError(
+            f"peft.prefix.init_token_ids / init_text need a decoder with a KV cache; "
+            f"{type(model).__name__} has none: leave them empty (random init)"
+        )
+    P = ids_P.shape[0]
+    _, cache = model.prefill(ids_P[None], extra_slots=1)
+    return cache.k_LBSKH[:, 0, :P], cache.v_LBSKH[:, 0, :P]
+
+
 def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
     c = cfg.prefix
+    prompt.check_text_resolved(c, "prefix")
     if getattr(model, "prefix", False) is not None:
         raise FtlibError(f"{type(model).__name__} has no free prefix hook for peft method 'prefix'")
     if c.num_virtual_tokens <= 0:
@@ -121,12 +140,26 @@ def apply(model: nnx.Module, cfg, rngs: nnx.Rngs) -> None:
     dims = (m.num_layers, c.num_virtual_tokens, m.num_kv_heads, m.head_dim)
     dtype = jnp.dtype(m.param_dtype)
     if c.projection:
+        if c.init_token_ids:
+            raise FtlibError(
+                "peft.prefix.init_token_ids / init_text set plain prefix vectors: "
+                "use them with peft.prefix.projection=False"
+            )
         hidden = c.projection_hidden or m.num_kv_heads * m.head_dim
         model.prefix = PrefixMLP(*dims, hidden, rngs=rngs, dtype=dtype)
-    else:
-        model.prefix = Prefix(*dims, rngs=rngs, dtype=dtype)
+        return
+    text_kv = None
+    if c.init_token_ids:  # before the hook exists: the base model's own keys and values
+        vocab = model.token_embeddings().shape[0]
+        ids_P = prompt.init_ids(c.init_token_ids, c.num_virtual_tokens, vocab, rngs, "prefix")
+        text_kv = text_keys_values(model, ids_P)
+    model.prefix = Prefix(*dims, rngs=rngs, dtype=dtype)
+    if text_kv is not None:
+        L, P, K, H = dims
+        model.prefix.key[...] = text_kv[0].reshape(L, P, K * H).astype(dtype)
+        model.prefix.value[...] = text_kv[1].reshape(L, P, K * H).astype(dtype)
 
 
 # Only the prefix (or its MLP) trains.
 TRAINABLE_RULES = ((r"prefix/.*", True), (r".*", False))
-OPTIONS = ("num_virtual_tokens", "projection", "projection_hidden")
+OPTIONS = ("num_virtual_tokens", "projection", "projection_hidden", "init_token_ids", "init_text")
