@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import signal
 import time
 
@@ -20,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from ftlib import adapters, data, peft, sharding
+from ftlib import adapters, data, peak_rss, peft, sharding
 from ftlib.checkpoint import Checkpointer
 from ftlib.metrics import MetricsLogger, read_metrics, run_dir, save_config
 from ftlib.models import build_model
@@ -157,6 +156,7 @@ def _save_adapter(path, params, peft_cfg, base: dict) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     start = time.time()
+    peak_rss.reset()  # the summary's peak is this run's, not an earlier sweep run's
     workdir = run_dir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
@@ -270,7 +270,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "total_params": mask.count(),
         "wall_s": time.time() - start,
         "median_step_s": float(np.median(window.step_seconds)) if window.step_seconds else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss.peak_mb(),  # this run's, even inside a sweep
         "checkpoint_bytes": checkpoint_bytes,  # trainable params only: the adapter's size
         "data": task.stats,
     }
