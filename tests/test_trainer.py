@@ -77,9 +77,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
         "--config.peft.method=lora",
         "--config.peft.lora.dropout=0.1",
     ]
-    straight = run_cli(*args, f"--workdir={tmp_path / 'a'}")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    # The uninterrupted run goes beside the one to be killed (they share no files).
+    straight = run_cli(*args, f"--workdir={tmp_path / 'a'}", wait=False)
     work = tmp_path / "b"
     proc = run_cli(*args, f"--workdir={work}", wait=False)
     deadline = time.time() + 240
@@ -90,6 +89,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
         time.sleep(0.2)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "SIGTERM: saved step" in output, output[-2000:]
+    straight_output = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, straight_output[-3000:]
     stopped_at = int(output.split("SIGTERM: saved step ")[1].split()[0])
     assert 12 <= stopped_at < 30
     resumed = run_cli(*args, f"--workdir={work}")
