@@ -8,7 +8,8 @@ target_modules=["query", "value"])`. Batch 32, max length 64, 2 epochs.
   python train.py --config=configs/minilm_rt_lora.py --workdir=runs/minilm_rt_lora
 
 Result (2 shared CPU cores): 0.810 test accuracy (val 0.842) after 530 steps, 1,457 s;
-pooling='cls' 0.802. See experiments/minilm_rt_lora/README.md.
+pooling='cls' 0.802. Over split seeds 0-2: 0.833 mean test, the HF transformers + peft
+reference 0.836 on the same splits. See experiments/minilm_rt_lora/README.md.
 """
 
 from configs import default
