@@ -45,9 +45,11 @@ def resolve_init_texts(peft_cfg, tokenizer) -> None:
     `init_token_ids` to the text's tokens (no special tokens, as PEFT's TEXT init), so
     the run's saved config holds both."""
     for name, method in selected_methods(peft_cfg).items():
-        if "init_text" not in method.OPTIONS or not peft_cfg[name].get("init_text"):
+        if "init_text" not in method.OPTIONS:  # e.g. 'full', which has no options block
             continue
         c = peft_cfg[name]
+        if not c.get("init_text"):  # configs saved before the option existed lack it
+            continue
         ids = tuple(int(i) for i in tokenizer(c.init_text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise FtlibError(f"peft.{name}.init_text {c.init_text!r} has no tokens")
