@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from ftlib.linear_cross_entropy import linear_cross_entropy
+
 OBJECTIVES = ("causal_lm", "sequence_classification")
 
 
@@ -46,14 +48,16 @@ def init_train_state(
 def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0):
     """Sums of masked next-token NLL, correct predictions and target count.
 
-    Position t predicts input_ids[t+1], weighted by loss_mask[t+1]. With
-    max_targets > 0 only the first max_targets target positions of each row go
-    through the LM head (the caller guarantees no row has more): for short
-    completions such as class labels this skips almost all of the [B,T,V] logits.
+    Position t predicts input_ids[t+1], weighted by loss_mask[t+1] (the last
+    position has no target: weight 0). With max_targets > 0 only the first
+    max_targets target positions of each row go through the LM head (the caller
+    guarantees no row has more): for short completions such as class labels this
+    skips almost all of the [B,T,V] logits. A plain LM head is fused with the loss
+    (ftlib.linear_cross_entropy), so the logits never exist whole.
     """
-    targets_BT = batch["input_ids"][:, 1:]
-    w_BT = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    h_BTD = h_BTD[:, :-1]
+    last = ((0, 0), (0, 1))
+    targets_BT = jnp.pad(batch["input_ids"][:, 1:], last)
+    w_BT = jnp.pad(batch["loss_mask"][:, 1:].astype(jnp.float32), last)
     if max_targets:
         order_BK = jnp.argsort(-w_BT, axis=1, stable=True)[:, :max_targets]
         h_BTD = jnp.take_along_axis(h_BTD, order_BK[..., None], axis=1)
@@ -61,14 +65,18 @@ def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0
         w_BT = jnp.take_along_axis(w_BT, order_BK, axis=1)
     if row_weight_B is not None:
         w_BT = w_BT * row_weight_B[:, None]
-    logits_BTV = model.logits(h_BTD).astype(jnp.float32)
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-    return {
-        "nll": jnp.sum(nll_BT * w_BT),
-        "correct": jnp.sum(correct_BT * w_BT),
-        "tokens": jnp.sum(w_BT),
-    }
+    head = getattr(model, "output_projection", lambda: None)()
+    if head is not None:
+        w, vocab_major, dtype = head
+        nll, correct = linear_cross_entropy(
+            h_BTD, w, targets_BT, w_BT, vocab_major=vocab_major, dtype=dtype
+        )
+    else:
+        logits_BTV = model.logits(h_BTD).astype(jnp.float32)
+        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+        nll = jnp.sum(nll_BT * w_BT)
+        correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * w_BT)
+    return {"nll": nll, "correct": correct, "tokens": jnp.sum(w_BT)}
 
 
 def class_sums(model, batch, row_weight_B=None, rng=None):

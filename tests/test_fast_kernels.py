@@ -1,11 +1,13 @@
 """The hand-written backward passes (causal block attention, Linear's matmul, the
-LoRA product) must give autodiff's values and gradients."""
+LoRA product, the fused LM head + loss) must give autodiff's values and gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from ftlib.linear_cross_entropy import linear_cross_entropy
 from ftlib.models.attention import attention, causal_attention, query_blocks
 from ftlib.models.layers import matmul
 from ftlib.peft.lora import lora_product
@@ -88,3 +90,59 @@ def test_lora_product_gradients_match_autodiff():
     np.testing.assert_allclose(got, want, atol=1e-5)
     for name, p, q in zip(("x", "a", "b"), got_grads, want_grads):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-4, err_msg=f"d{name}")
+
+
+def _plain_head_loss(h_BTD, w_DV, targets_BT, weight_BT):
+    logits = (h_BTD @ w_DV).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BT)
+    correct = jnp.argmax(logits, axis=-1) == targets_BT
+    return jnp.sum(nll * weight_BT), jnp.sum(correct * weight_BT)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+@pytest.mark.parametrize("T", [37, 64])  # 37: padded up to whole blocks; 64: exact blocks
+def test_linear_cross_entropy_matches_head_then_loss(vocab_major, T):
+    B, D, V = 3, 16, 50
+    keys = jax.random.split(jax.random.key(1), 4)
+    h = jax.random.normal(keys[0], (B, T, D))
+    w = jax.random.normal(keys[1], (D, V)) * 0.3
+    targets = jax.random.randint(keys[2], (B, T), 0, V)
+    weight = (jax.random.uniform(keys[3], (B, T)) > 0.3) * 1.5
+    w_in = w.T if vocab_major else w
+
+    def fused(h, w_in):
+        return linear_cross_entropy(h, w_in, targets, weight, vocab_major=vocab_major)
+
+    def plain(h, w_in):
+        return _plain_head_loss(h, w_in.T if vocab_major else w_in, targets, weight)
+
+    cot = (jnp.float32(2.5), jnp.float32(0.0))
+    (nll, correct), (dh, dw) = _vjp(fused, h, w_in, cotangent=cot)
+    (nll_ref, correct_ref), (dh_ref, dw_ref) = _vjp(plain, h, w_in, cotangent=cot)
+    np.testing.assert_allclose(nll, nll_ref, rtol=1e-5)
+    assert correct == correct_ref
+    np.testing.assert_allclose(dh, dh_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cross_entropy_frozen_head_skips_the_weight_gradient():
+    """With the head frozen (LoRA) only dh is computed: the compiled step has one
+    fewer [D, V]-sized product than when the head trains."""
+    B, T, D, V = 2, 8, 16, 40
+    h, w = jnp.ones((B, T, D)), jnp.ones((D, V)) * 0.1
+    targets, weight = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T))
+
+    def loss(h, w):
+        return linear_cross_entropy(h, w, targets, weight)[0]
+
+    def dots(fn, *args):
+        return jax.jit(fn).lower(*args).as_text().count("dot_general")
+
+    only_h = dots(jax.grad(loss), h, w)
+    both = dots(jax.grad(loss, argnums=(0, 1)), h, w)
+    assert only_h == both - 1
+    np.testing.assert_allclose(
+        jax.grad(loss)(h, w),
+        jax.grad(lambda h: _plain_head_loss(h, w, targets, weight)[0])(h),
+        atol=1e-6,
+    )

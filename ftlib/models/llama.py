@@ -307,6 +307,16 @@ class Llama(nnx.Module):
             outs.append(out)
         return h, None if kv is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
+    def output_projection(self):
+        """-> (weight, vocab_major, dtype) when the LM head is one plain matmul, which
+        lets the loss fuse it (ftlib.linear_cross_entropy); None when an adapter
+        wraps the head."""
+        if self.lm_head is None:
+            return self.embed.embedding[...], True, self.embed.dtype
+        if type(self.lm_head) is Linear and self.lm_head.bias is None:
+            return self.lm_head.kernel[...], False, self.lm_head.dtype
+        return None
+
     def logits(self, h_BTD):
         if self.lm_head is None:
             return self.embed.attend(h_BTD)

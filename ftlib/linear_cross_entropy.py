@@ -1,0 +1,130 @@
+"""The LM head and its next-token cross-entropy in one pass over blocks of positions.
+
+Why: the plain path writes [B, T, V] logits, then exp(logits - lse) for the
+backward, then the [B, T, V] logit gradient; three buffers of 67 MB (llama-tiny)
+to 262 MB (llama-small), each freshly allocated and page-faulted every step, and
+every elementwise pass over them runs at memory speed. Here each block of
+positions computes its logits, loss, and (under differentiation) its gradients
+while the block's [B, t, V] slab is still in cache: the forward rule already
+produces d(loss)/dh and d(loss)/dW for a unit cotangent, and the backward only
+scales them. The matmul FLOPs are the same as autodiff's (nothing recomputed),
+and the head's weight gradient is skipped when the weight is frozen.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+BLOCK_ROWS = 256  # logits rows (B * t) per block: matmuls stay efficient, the slab stays in cache
+
+
+def block_positions(B: int, T: int, rows: int = BLOCK_ROWS) -> int:
+    """Positions t per block for a [B, T] batch: about `rows` logits rows, at least 1."""
+    return max(1, min(T, rows // max(B, 1)))
+
+
+def linear_cross_entropy(h_BTD, w, targets_BT, weight_BT, *, vocab_major=False, dtype=None):
+    """-> (sum of weight * NLL, sum of weight * [argmax == target]) for logits =
+    h @ w (w [D, V]; or w [V, D] with vocab_major, e.g. a tied embedding).
+
+    The softmax runs in float32; the matmuls in `dtype` (default: h's). Positions
+    with weight 0 cost their share of the matmuls but add nothing."""
+    B, T, _ = h_BTD.shape
+    t = block_positions(B, T)
+    pad = -T % t
+    if pad:
+        widths = ((0, 0), (0, pad))
+        h_BTD = jnp.pad(h_BTD, widths + ((0, 0),))
+        targets_BT = jnp.pad(targets_BT, widths)
+        weight_BT = jnp.pad(weight_BT, widths)
+    dtype = jnp.dtype(dtype or h_BTD.dtype)
+    return _fused(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT.astype(jnp.float32))
+
+
+def _blocks(x_BT, t):
+    """[B, T, ...] -> [T // t, B, t, ...]: the scan runs over blocks of positions."""
+    B, T = x_BT.shape[:2]
+    return jnp.moveaxis(x_BT.reshape(B, T // t, t, *x_BT.shape[2:]), 1, 0)
+
+
+def _logits(h_ND, w, vocab_major, dtype):
+    dims = (((1,), (1 if vocab_major else 0,)), ((), ()))
+    return jax.lax.dot_general(
+        h_ND.astype(dtype), w.astype(dtype), dims, preferred_element_type=jnp.float32
+    )
+
+
+def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_dw):
+    """One pass over the blocks -> ((nll, correct), dh_BTD or None, dw or None), the
+    gradients being those of nll for a unit cotangent."""
+    D = h_BTD.shape[-1]
+    V = w.shape[0] if vocab_major else w.shape[1]
+
+    def block(dw_acc, xs):
+        h_btD, tgt_bt, wt_bt = xs
+        b = h_btD.shape[0]
+        h_ND, tgt_N, wt_N = h_btD.reshape(-1, D), tgt_bt.reshape(-1), wt_bt.reshape(-1)
+        logits_NV = _logits(h_ND, w, vocab_major, dtype)
+        lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+        gold_N = jnp.take_along_axis(logits_NV, tgt_N[:, None], axis=-1)[:, 0]
+        sums = (
+            jnp.sum((lse_N - gold_N) * wt_N),
+            jnp.sum((jnp.argmax(logits_NV, axis=-1) == tgt_N) * wt_N),
+        )
+        dh = None
+        if need_dh or need_dw:
+            onehot_NV = jnp.arange(V)[None, :] == tgt_N[:, None]
+            g_NV = ((jnp.exp(logits_NV - lse_N[:, None]) - onehot_NV) * wt_N[:, None]).astype(dtype)
+            if need_dh:
+                w_VD = w.astype(dtype) if vocab_major else w.astype(dtype).T
+                dh = jnp.dot(g_NV, w_VD, preferred_element_type=jnp.float32)
+                dh = dh.astype(h_btD.dtype).reshape(b, -1, D)
+            if need_dw:
+                # Transposing h explicitly (the barrier keeps XLA from folding it back
+                # into the dot) gives the faster GEMM layout on CPU, as in layers.matmul.
+                h_DN = jax.lax.optimization_barrier(h_ND.astype(dtype).T)
+                dw_DV = jnp.dot(h_DN, g_NV, preferred_element_type=jnp.float32)
+                dw_acc = dw_acc + (dw_DV.T if vocab_major else dw_DV)
+        return dw_acc, (sums, dh)
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else None
+    xs = (_blocks(h_BTD, t), _blocks(targets_BT, t), _blocks(weight_BT, t))
+    dw, (sums, dh) = jax.lax.scan(block, dw0, xs)
+    totals = (jnp.sum(sums[0]), jnp.sum(sums[1]))
+    if dh is not None:
+        dh = jnp.moveaxis(dh, 0, 1).reshape(h_BTD.shape)
+    return totals, dh, None if dw is None else dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT):
+    return _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, False, False)[0]
+
+
+def _fused_fwd(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT):
+    need_dh, need_dw = h_BTD.perturbed, w.perturbed
+    totals, dh, dw = _scan(
+        vocab_major,
+        dtype,
+        t,
+        h_BTD.value,
+        w.value,
+        targets_BT.value,
+        weight_BT.value,
+        need_dh,
+        need_dw,
+    )
+    return totals, (dh, dw)
+
+
+def _fused_bwd(vocab_major, dtype, t, res, g):
+    dh, dw = res
+    g_nll = g[0]  # argmax has no gradient: the count's cotangent is ignored
+    scale = lambda x: None if x is None else (x * g_nll).astype(x.dtype)  # noqa: E731
+    return scale(dh), scale(dw), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
