@@ -1,4 +1,5 @@
-"""The step-time benchmark's workloads are the ones the performance issue fixes."""
+"""The step-time benchmark's workloads are the ones the performance issue fixes; the
+paired A/B's variants patch the step's build and undo it."""
 
 import sys
 from pathlib import Path
@@ -32,3 +33,20 @@ def test_model_flops_counts_weight_gradients_only_for_trainable_matmuls():
     assert 0 < attention < 0.2 * full
     # LoRA skips the weight gradients (2 FLOPs per weight per token) of frozen matmuls.
     assert full - lora == 2 * (n - 156_160) * tokens
+
+
+def test_paired_ab_variants_change_the_build_and_restore_it():
+    import paired_ab
+
+    from ftlib.models import attention
+    from ftlib.models.llama import Llama
+
+    plain = Llama.output_projection  # variants must not leak into later tests
+    with paired_ab.VARIANTS["plain_head"]():
+        assert Llama.output_projection(object()) is None
+    with paired_ab.VARIANTS["one_query_block"]():
+        assert attention.query_blocks(256) == 1
+    with paired_ab.VARIANTS["layer_loop"]():
+        assert not step_time.llama_config("llama-tiny").scan_layers
+    assert attention.query_blocks(256) == 2 and step_time.llama_config("llama-tiny").scan_layers
+    assert Llama.output_projection is plain

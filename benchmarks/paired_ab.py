@@ -1,0 +1,131 @@
+"""Paired A/B of train-step variants in one process: alternating steps, median ratios.
+
+  python benchmarks/paired_ab.py --workload=llama-small --mode=full --variants=plain_head
+  python benchmarks/paired_ab.py --variants=plain_head,layer_loop,one_query_block --steps=12
+
+On a noisy shared machine, separate processes differ by ±15% from run to run; here
+every variant is compiled up front, then each round runs one step of each (order
+reversed every other round), so slow spells hit all of them. Reported per variant:
+median step seconds and the median over rounds of its step time / the baseline's
+(`ftlib`, the library as it is). Variants are context managers that change how
+the step is built (tracing happens inside them); add one to VARIANTS to test an idea.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import step_time  # noqa: E402
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _config_override(**changes):
+    base = step_time.llama_config
+    return _patched(step_time, "llama_config", lambda w: dataclasses.replace(base(w), **changes))
+
+
+def _plain_head():
+    """The LM head writes whole [B, T, V] logits and autodiff differentiates optax's loss."""
+    from ftlib.models.llama import Llama
+
+    return _patched(Llama, "output_projection", lambda self: None)
+
+
+def _one_query_block():
+    """Causal attention without query blocks (the whole [T, T] score matrix)."""
+    from ftlib.models import attention
+
+    return _patched(attention, "query_blocks", lambda T, target=128: 1)
+
+
+VARIANTS = {
+    "ftlib": contextlib.nullcontext,
+    "plain_head": _plain_head,
+    "layer_loop": lambda: _config_override(scan_layers=False),
+    "one_query_block": _one_query_block,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="llama-tiny", choices=list(step_time.WORKLOADS))
+    parser.add_argument("--mode", default="full", choices=step_time.MODES)
+    parser.add_argument("--variants", default="plain_head", help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds after 3 warm-up")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    names = ["ftlib", *[v for v in args.variants.split(",") if v != "ftlib"]]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+
+    import numpy as np
+
+    vocab, *_, batch, seq = step_time.WORKLOADS[args.workload]
+    rounds = step_time.WARMUP + args.steps
+    ids = np.random.default_rng(1234).integers(0, vocab, (rounds, batch, seq)).astype(np.int32)
+    ones = np.ones((batch, seq), np.int32)
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+
+    def batch_at(i):
+        return dict(input_ids=ids[i], loss_mask=ones, segment_ids=ones, positions=positions)
+
+    runs = {}
+    for name in names:
+        with VARIANTS[name]():
+            cfg = step_time.llama_config(args.workload)
+            step, state, frozen, _ = step_time.train_setup(cfg, args.mode, rounds)
+            start = time.perf_counter()
+            step = step.lower(state, frozen, batch_at(0)).compile()
+            runs[name] = {"step": step, "state": state, "frozen": frozen, "times": []}
+            runs[name]["compile_s"] = time.perf_counter() - start
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            run = runs[name]
+            start = time.perf_counter()
+            run["state"], metrics = run["step"](run["state"], run["frozen"], batch_at(i))
+            metrics["loss"].block_until_ready()
+            if i >= step_time.WARMUP:
+                run["times"].append(time.perf_counter() - start)
+    base = np.array(runs["ftlib"]["times"])
+    records = []
+    for name in names:
+        times = np.array(runs[name]["times"])
+        record = {
+            "workload": args.workload,
+            "mode": args.mode,
+            "variant": name,
+            "median_step_s": float(np.median(times)),
+            "paired_ratio_to_ftlib": float(np.median(times / base)),
+            "compile_s": runs[name]["compile_s"],
+            "step_times_s": times.tolist(),
+        }
+        records.append(record)
+        print(
+            f"{args.workload} {args.mode} {name:16s} {record['median_step_s']:.3f} s/step  "
+            f"paired ratio {record['paired_ratio_to_ftlib']:.3f}  "
+            f"compile {record['compile_s']:.1f} s",
+            flush=True,
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
