@@ -394,3 +394,32 @@ def test_real_smollm2_gguf():
     assert tok.encode(" positive") == [2731] and tok.encode(" negative") == [3524]
     assert tok.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
     assert (tok.eos_token, tok.pad_token_id) == ("<|im_end|>", 2)
+
+
+def test_gguf_metadata_cached_across_processes(tmp_path, monkeypatch):
+    """A tokenizer-only load parses the file once; later processes (lru_cache cleared
+    here) read the JSON copy. A corrupt copy is parsed again and rewritten."""
+    from ftlib.hf import gguf as ftlib_gguf
+
+    monkeypatch.setenv("FTLIB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, random_hf_llama(tied=True))
+    ftlib_gguf._metadata.cache_clear()
+    first = load_gguf(path, weights=False)
+    [saved] = (tmp_path / "cache" / "gguf-metadata").glob("*.json")
+
+    def no_parse(path):
+        raise AssertionError("parsed the file again")
+
+    ftlib_gguf._metadata.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(ftlib_gguf, "_reader", no_parse)
+        second = load_gguf(path, weights=False)
+    assert second.hf_config == first.hf_config
+    text = "Hé pos 12!"
+    assert second.tokenizer.encode(text) == first.tokenizer.encode(text)
+    saved.write_text("{not json")
+    ftlib_gguf._metadata.cache_clear()
+    assert load_gguf(path, weights=False).hf_config == first.hf_config
+    assert json.loads(saved.read_text())["meta"]
+    ftlib_gguf._metadata.cache_clear()

@@ -6,6 +6,9 @@ as raw vocabulary metadata rather than a `tokenizer.json`.
 """
 
 import functools
+import hashlib
+import json
+import os
 import pathlib
 import re
 
@@ -15,6 +18,7 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from ftlib.assets import cache_dir
 from ftlib.hf.checkpoint_source import CheckpointError, PretrainedSource, unsupported
 
 # llama.cpp name -> HF name; `{i}` is the layer index.
@@ -108,11 +112,28 @@ def _fields(reader: gguf.GGUFReader) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _metadata(path: str, mtime_ns: int, size: int) -> tuple[dict, frozenset]:
-    """Metadata and tensor names of an unchanged file, parsed once per process: the reader
-    takes seconds over a 49k-token vocabulary, and random-init runs and tests load only the
-    tokenizer, often several times. Callers must not mutate the returned dict."""
+    """Metadata and tensor names of an unchanged file, parsed once per process and
+    kept as JSON under ftlib.assets.cache_dir() across processes: the reader takes ~5 s
+    over a 49k-token vocabulary, and random-init runs (configs/tiny.py), sweeps and
+    tests load only the tokenizer, each in a fresh process. Callers must not mutate
+    the returned dict."""
+    key = hashlib.sha256(f"{path}|{mtime_ns}|{size}".encode()).hexdigest()[:32]
+    cached = cache_dir() / "gguf-metadata" / f"{key}.json"
+    try:
+        saved = json.loads(cached.read_text())
+        return saved["meta"], frozenset(saved["tensors"])
+    except (OSError, ValueError, KeyError):
+        pass  # no usable cache entry: parse the file
     reader = _reader(path)
-    return _fields(reader), frozenset(t.name for t in reader.tensors)
+    meta, tensors = _fields(reader), frozenset(t.name for t in reader.tensors)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"meta": meta, "tensors": sorted(tensors)}))
+        tmp.replace(cached)  # atomic: a concurrent reader sees all of it or nothing
+    except (OSError, TypeError, ValueError):
+        pass  # a read-only cache, or metadata JSON cannot hold: parse again next time
+    return meta, tensors
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
