@@ -18,10 +18,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-BLOCK_ROWS = 256  # logits rows (B * t) per block: matmuls stay efficient, the slab stays in cache
+
+def block_rows(D: int) -> int:
+    """Logits rows (B * t) per block for hidden size D, fitted on this project's CPU
+    (benchmarks/README.md): with a small D the block is memory-bound and smaller slabs
+    that stay in cache win (D=64, V=49k: 64 rows 15% faster than 256); with a large D
+    the matmuls dominate and need M >= 256 (D=512, V=32k: 64 rows 12% slower)."""
+    return min(256, max(64, D))
 
 
-def block_positions(B: int, T: int, rows: int = BLOCK_ROWS) -> int:
+def block_positions(B: int, T: int, rows: int) -> int:
     """Positions t per block for a [B, T] batch: about `rows` logits rows, at least 1."""
     return max(1, min(T, rows // max(B, 1)))
 
@@ -32,8 +38,8 @@ def linear_cross_entropy(h_BTD, w, targets_BT, weight_BT, *, vocab_major=False, 
 
     The softmax runs in float32; the matmuls in `dtype` (default: h's). Positions
     with weight 0 cost their share of the matmuls but add nothing."""
-    B, T, _ = h_BTD.shape
-    t = block_positions(B, T)
+    B, T, D = h_BTD.shape
+    t = block_positions(B, T, block_rows(D))
     pad = -T % t
     if pad:
         widths = ((0, 0), (0, pad))
@@ -68,35 +74,41 @@ def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_
         b = h_btD.shape[0]
         h_ND, tgt_N, wt_N = h_btD.reshape(-1, D), tgt_bt.reshape(-1), wt_bt.reshape(-1)
         logits_NV = _logits(h_ND, w, vocab_major, dtype)
-        lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+        # One exp pass serves both the loss and the softmax of the gradient.
+        max_N = jnp.max(logits_NV, axis=-1)
+        exp_NV = jnp.exp(logits_NV - max_N[:, None])
+        sum_N = jnp.sum(exp_NV, axis=-1)
         gold_N = jnp.take_along_axis(logits_NV, tgt_N[:, None], axis=-1)[:, 0]
         sums = (
-            jnp.sum((lse_N - gold_N) * wt_N),
+            jnp.sum((max_N + jnp.log(sum_N) - gold_N) * wt_N),
             jnp.sum((jnp.argmax(logits_NV, axis=-1) == tgt_N) * wt_N),
         )
         dh = None
         if need_dh or need_dw:
             onehot_NV = jnp.arange(V)[None, :] == tgt_N[:, None]
-            g_NV = ((jnp.exp(logits_NV - lse_N[:, None]) - onehot_NV) * wt_N[:, None]).astype(dtype)
+            g_NV = (exp_NV * (wt_N / sum_N)[:, None] - onehot_NV * wt_N[:, None]).astype(dtype)
+            w_c = w.astype(dtype)
             if need_dh:
-                w_VD = w.astype(dtype) if vocab_major else w.astype(dtype).T
-                dh = jnp.dot(g_NV, w_VD, preferred_element_type=jnp.float32)
+                # g @ w^T (or g @ w when vocab-major), contracted in place: no transposed copy.
+                dims = (((1,), (0 if vocab_major else 1,)), ((), ()))
+                dh = jax.lax.dot_general(g_NV, w_c, dims, preferred_element_type=jnp.float32)
                 dh = dh.astype(h_btD.dtype).reshape(b, -1, D)
             if need_dw:
                 # Transposing h explicitly (the barrier keeps XLA from folding it back
                 # into the dot) gives the faster GEMM layout on CPU, as in layers.matmul.
                 h_DN = jax.lax.optimization_barrier(h_ND.astype(dtype).T)
-                dw_DV = jnp.dot(h_DN, g_NV, preferred_element_type=jnp.float32)
-                dw_acc = dw_acc + (dw_DV.T if vocab_major else dw_DV)
+                dw_acc = dw_acc + jnp.dot(h_DN, g_NV, preferred_element_type=jnp.float32)
         return dw_acc, (sums, dh)
 
-    dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else None
+    dw0 = jnp.zeros((D, V), jnp.float32) if need_dw else None  # [D, V] either way
     xs = (_blocks(h_BTD, t), _blocks(targets_BT, t), _blocks(weight_BT, t))
     dw, (sums, dh) = jax.lax.scan(block, dw0, xs)
     totals = (jnp.sum(sums[0]), jnp.sum(sums[1]))
     if dh is not None:
         dh = jnp.moveaxis(dh, 0, 1).reshape(h_BTD.shape)
-    return totals, dh, None if dw is None else dw.astype(w.dtype)
+    if dw is not None:
+        dw = (dw.T if vocab_major else dw).astype(w.dtype)
+    return totals, dh, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
