@@ -56,24 +56,22 @@ def _blocks(x_BT, t):
     return jnp.moveaxis(x_BT.reshape(B, T // t, t, *x_BT.shape[2:]), 1, 0)
 
 
-def _logits(h_ND, w, vocab_major, dtype):
-    dims = (((1,), (1 if vocab_major else 0,)), ((), ()))
-    return jax.lax.dot_general(
-        h_ND.astype(dtype), w.astype(dtype), dims, preferred_element_type=jnp.float32
-    )
-
-
 def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_dw):
     """One pass over the blocks -> ((nll, correct), dh_BTD or None, dw or None), the
     gradients being those of nll for a unit cotangent."""
     D = h_BTD.shape[-1]
     V = w.shape[0] if vocab_major else w.shape[1]
+    w_c = w.astype(dtype)  # cast once, not per block; the blocks get h cast too
+    out_dtype = h_BTD.dtype  # dh's
+    contract_w = 1 if vocab_major else 0  # w's D axis
 
     def block(dw_acc, xs):
         h_btD, tgt_bt, wt_bt = xs
         b = h_btD.shape[0]
         h_ND, tgt_N, wt_N = h_btD.reshape(-1, D), tgt_bt.reshape(-1), wt_bt.reshape(-1)
-        logits_NV = _logits(h_ND, w, vocab_major, dtype)
+        logits_NV = jax.lax.dot_general(
+            h_ND, w_c, (((1,), (contract_w,)), ((), ())), preferred_element_type=jnp.float32
+        )
         # One exp pass serves both the loss and the softmax of the gradient.
         max_N = jnp.max(logits_NV, axis=-1)
         exp_NV = jnp.exp(logits_NV - max_N[:, None])
@@ -87,21 +85,20 @@ def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_
         if need_dh or need_dw:
             onehot_NV = jnp.arange(V)[None, :] == tgt_N[:, None]
             g_NV = (exp_NV * (wt_N / sum_N)[:, None] - onehot_NV * wt_N[:, None]).astype(dtype)
-            w_c = w.astype(dtype)
             if need_dh:
                 # g @ w^T (or g @ w when vocab-major), contracted in place: no transposed copy.
-                dims = (((1,), (0 if vocab_major else 1,)), ((), ()))
+                dims = (((1,), (1 - contract_w,)), ((), ()))
                 dh = jax.lax.dot_general(g_NV, w_c, dims, preferred_element_type=jnp.float32)
-                dh = dh.astype(h_btD.dtype).reshape(b, -1, D)
+                dh = dh.astype(out_dtype).reshape(b, -1, D)
             if need_dw:
                 # Transposing h explicitly (the barrier keeps XLA from folding it back
                 # into the dot) gives the faster GEMM layout on CPU, as in layers.matmul.
-                h_DN = jax.lax.optimization_barrier(h_ND.astype(dtype).T)
+                h_DN = jax.lax.optimization_barrier(h_ND.T)
                 dw_acc = dw_acc + jnp.dot(h_DN, g_NV, preferred_element_type=jnp.float32)
         return dw_acc, (sums, dh)
 
     dw0 = jnp.zeros((D, V), jnp.float32) if need_dw else None  # [D, V] either way
-    xs = (_blocks(h_BTD, t), _blocks(targets_BT, t), _blocks(weight_BT, t))
+    xs = (_blocks(h_BTD.astype(dtype), t), _blocks(targets_BT, t), _blocks(weight_BT, t))
     dw, (sums, dh) = jax.lax.scan(block, dw0, xs)
     totals = (jnp.sum(sums[0]), jnp.sum(sums[1]))
     if dh is not None:
