@@ -76,29 +76,22 @@ def main():
 
     import numpy as np
 
-    vocab, *_, batch, seq = step_time.WORKLOADS[args.workload]
     rounds = step_time.WARMUP + args.steps
-    ids = np.random.default_rng(1234).integers(0, vocab, (rounds, batch, seq)).astype(np.int32)
-    ones = np.ones((batch, seq), np.int32)
-    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
-
-    def batch_at(i):
-        return dict(input_ids=ids[i], loss_mask=ones, segment_ids=ones, positions=positions)
-
+    batches = step_time.batches(args.workload, rounds)
     runs = {}
     for name in names:
         with VARIANTS[name]():
             cfg = step_time.llama_config(args.workload)
             step, state, frozen, _ = step_time.train_setup(cfg, args.mode, rounds)
             start = time.perf_counter()
-            step = step.lower(state, frozen, batch_at(0)).compile()
+            step = step.lower(state, frozen, batches[0]).compile()
             runs[name] = {"step": step, "state": state, "frozen": frozen, "times": []}
             runs[name]["compile_s"] = time.perf_counter() - start
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
             run = runs[name]
             start = time.perf_counter()
-            run["state"], metrics = run["step"](run["state"], run["frozen"], batch_at(i))
+            run["state"], metrics = run["step"](run["state"], run["frozen"], batches[i])
             metrics["loss"].block_until_ready()
             if i >= step_time.WARMUP:
                 run["times"].append(time.perf_counter() - start)

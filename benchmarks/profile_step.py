@@ -43,17 +43,12 @@ def main():
     args = parser.parse_args()
 
     import jax
-    import numpy as np
     from jax.profiler import ProfileData
 
-    vocab, _, _, _, _, batch, seq = step_time.WORKLOADS[args.workload]
     step, state, frozen, _ = step_time.train_setup(
         step_time.llama_config(args.workload), args.mode, 10
     )
-    ids = np.random.default_rng(1234).integers(0, vocab, (batch, seq)).astype(np.int32)
-    ones = np.ones((batch, seq), np.int32)
-    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
-    b = dict(input_ids=ids, loss_mask=ones, segment_ids=ones, positions=positions)
+    [b] = step_time.batches(args.workload, 1)
     phases = op_phases(step.lower(state, frozen, b).compile().as_text())
     for _ in range(3):
         state, metrics = step(state, frozen, b)

@@ -88,6 +88,21 @@ def llama_config(workload: str):
     )
 
 
+def batches(workload: str, n: int) -> list[dict]:
+    """The issue's data as ftlib batches: ids from numpy default_rng(1234).integers(0,
+    vocab, (n, batch, seq)), one packed segment per row, next-token loss on all tokens."""
+    import numpy as np
+
+    vocab, *_, batch, seq = WORKLOADS[workload]
+    ids = np.random.default_rng(1234).integers(0, vocab, (n, batch, seq)).astype(np.int32)
+    ones = np.ones((batch, seq), np.int32)
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+    return [
+        dict(input_ids=ids[i], loss_mask=ones, segment_ids=ones, positions=positions)
+        for i in range(n)
+    ]
+
+
 def run_one(workload: str, mode: str) -> dict:
     import jax
     import jax.numpy as jnp
@@ -95,14 +110,8 @@ def run_one(workload: str, mode: str) -> dict:
 
     vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
     step, state, frozen, mask = train_setup(llama_config(workload), mode, WARMUP + TIMED)
-    ids = np.random.default_rng(1234).integers(0, vocab, (WARMUP + TIMED, batch, seq))
-    ones = np.ones((batch, seq), np.int32)
-    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
     times = []
-    for i in range(WARMUP + TIMED):
-        b = dict(
-            input_ids=ids[i].astype(np.int32), loss_mask=ones, segment_ids=ones, positions=positions
-        )
+    for b in batches(workload, WARMUP + TIMED):
         start = time.perf_counter()
         state, metrics = step(state, frozen, b)
         metrics["loss"].block_until_ready()
