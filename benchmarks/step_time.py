@@ -2,6 +2,7 @@
 
   python benchmarks/step_time.py --vs=hf --out=benchmarks/step_time.json
   python benchmarks/step_time.py --workloads=llama-tiny --modes=lora --out=/tmp/t.json
+  python benchmarks/step_time.py --workloads=llama-1b --dtype=bfloat16 --vs=hf  # on a GPU
 
 Each (workload, mode) runs in a fresh process: 3 warm-up steps, then 10 timed
 steps, each synchronised on the loss. Reported: median step seconds, tokens/s,
@@ -11,6 +12,12 @@ the model's largest shape). With --vs=hf (needs `pip install -e .[hf]`: torch
 CPU, peft) each ftlib run is followed by the same work in HF LlamaForCausalLM +
 peft.get_peft_model + torch.optim.AdamW on the same batches, in its own process,
 and the ftlib/HF step-time ratio is printed per workload and mode.
+
+On a GPU both stacks run there. --dtype=bfloat16 is mixed precision in both: fp32
+params and optimizer, bf16 matmuls (ftlib: model.dtype; HF: torch.autocast). fp32
+runs use full fp32 matmuls in both (JAX's GPU default would be TF32; torch's is not).
+GPU records add the device's peak memory and the MFU against the chip's dense
+datasheet rate (bf16 or fp32, GPU_PEAK_TFLOPS).
 """
 
 import argparse
@@ -20,27 +27,49 @@ import resource
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
 
+
+class Workload(NamedTuple):
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    batch: int
+    seq: int
+
+
 WORKLOADS = {
-    # name: (vocab, hidden, intermediate, layers, heads, batch, seq)
-    "llama-tiny": (8192, 256, 688, 4, 4, 8, 256),
-    "llama-small": (32000, 512, 1376, 8, 8, 4, 512),
+    "llama-tiny": Workload(8192, 256, 688, 4, 4, 4, 8, 256),
+    "llama-small": Workload(32000, 512, 1376, 8, 8, 8, 4, 512),
+    # TinyLlama-1.1B's shape (GQA, 4 KV heads), for a GPU: 16k tokens per step.
+    "llama-1b": Workload(32000, 2048, 5632, 22, 32, 4, 8, 2048),
+}
+# Dense datasheet TFLOP/s by device kind and dtype (SXM parts); the MFU denominator.
+GPU_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": {"bfloat16": 989.4, "float32": 66.9},
+    "NVIDIA H200": {"bfloat16": 989.4, "float32": 66.9},
 }
 MODES = ("full", "lora")
 WARMUP, TIMED = 3, 10
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def model_flops(vocab, d, f, layers, batch, seq, trainable_matmul_params):
+def model_flops(w: Workload, trainable_matmul_params: int) -> int:
     """Matmul FLOPs of one step: forward 2NT, backward 2NT for activations plus
     2N_train T for trainable weights; attention scores and values 4 B T^2 D per
-    layer forward, twice that backward."""
-    tokens = batch * seq
-    n = layers * (4 * d * d + 3 * d * f) + vocab * d  # projections + LM head
+    layer forward, twice that backward (the whole T x T square, as MFU is usually
+    counted, though causal kernels skip half)."""
+    d, kv = w.hidden, w.hidden // w.heads * w.kv_heads
+    tokens = w.batch * w.seq
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * w.intermediate  # q, o; k, v; MLP
+    n = w.layers * per_layer + w.vocab * d  # projections + LM head
     dense = (4 * n + 2 * trainable_matmul_params) * tokens
-    attention = 3 * 4 * batch * seq * seq * d * layers
+    attention = 3 * 4 * w.batch * w.seq * w.seq * d * w.layers
     return dense + attention
 
 
@@ -69,22 +98,25 @@ def train_setup(cfg, mode: str, total_steps: int):
     return jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0), state, frozen, mask
 
 
-def llama_config(workload: str):
-    """The workload's Llama: untied embeddings, no biases, RMSNorm eps 1e-5, theta 1e4."""
+def llama_config(workload: str, dtype: str = "float32", attention: str = "auto"):
+    """The workload's Llama: untied embeddings, no biases, RMSNorm eps 1e-5, theta 1e4;
+    fp32 params, matmuls in `dtype`."""
     from ftlib.models.llama import LlamaConfig
 
-    vocab, d, f, layers, heads, _, _ = WORKLOADS[workload]
+    w = WORKLOADS[workload]
     return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=f,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=d // heads,
+        vocab_size=w.vocab,
+        hidden_size=w.hidden,
+        intermediate_size=w.intermediate,
+        num_layers=w.layers,
+        num_heads=w.heads,
+        num_kv_heads=w.kv_heads,
+        head_dim=w.hidden // w.heads,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_embeddings=False,
+        dtype=dtype,
+        attention=attention,
     )
 
 
@@ -103,13 +135,17 @@ def batches(workload: str, n: int) -> list[dict]:
     ]
 
 
-def run_one(workload: str, mode: str) -> dict:
+def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
-    step, state, frozen, mask = train_setup(llama_config(workload), mode, WARMUP + TIMED)
+    gpu = jax.default_backend() == "gpu"
+    if gpu and dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")  # no TF32, as torch
+    w = WORKLOADS[workload]
+    cfg = llama_config(workload, dtype, attention)
+    step, state, frozen, mask = train_setup(cfg, mode, WARMUP + TIMED)
     times = []
     for b in batches(workload, WARMUP + TIMED):
         start = time.perf_counter()
@@ -117,48 +153,75 @@ def run_one(workload: str, mode: str) -> dict:
         metrics["loss"].block_until_ready()
         times.append(time.perf_counter() - start)
 
-    big = max([(d, f), (d, vocab)], key=lambda s: s[0] * s[1])
-    x, w = jnp.ones((batch * seq, big[0])), jnp.ones(big)
+    big = max([(w.hidden, w.intermediate), (w.hidden, w.vocab)], key=lambda s: s[0] * s[1])
+    rng = np.random.default_rng(0)  # not ones: a GPU multiplies constants faster
+    x = jnp.asarray(rng.normal(size=(w.batch * w.seq, big[0])), dtype)
+    y = jnp.asarray(rng.normal(size=big), dtype)
     gemm = jax.jit(jnp.dot)
-    gemm(x, w).block_until_ready()
+    gemm(x, y).block_until_ready()
     gemm_times = []
     for _ in range(5):
         start = time.perf_counter()
-        gemm(x, w).block_until_ready()
+        gemm(x, y).block_until_ready()
         gemm_times.append(time.perf_counter() - start)
-    gemm_peak = 2 * batch * seq * big[0] * big[1] / float(np.median(gemm_times)) / 1e9
+    gemm_peak = 2 * w.batch * w.seq * big[0] * big[1] / float(np.median(gemm_times)) / 1e9
 
     trainable_matmul = sum(
         n
         for p, n in ((p, int(np.prod(s))) for p, s in mask.shapes.items())
         if mask.trainable[p] and not p.endswith(("scale", "bias", "embedding"))
     )
-    flops = model_flops(vocab, d, f, layers, batch, seq, trainable_matmul)
-    return _record("ftlib", workload, mode, times, mask.count(), mask.count(True), flops, gemm_peak)
+    flops = model_flops(w, trainable_matmul)
+    record = _record(
+        "ftlib", workload, mode, times, mask.count(), mask.count(True), flops, gemm_peak
+    )
+    from ftlib.models.attention import resolve_impl
+
+    device = jax.devices()[0]
+    record.update(dtype=dtype, attention=resolve_impl(attention, dtype, w.seq, True))
+    if gpu:
+        peak_mb = device.memory_stats()["peak_bytes_in_use"] / 2**20
+        record.update(_gpu_fields(device.device_kind, dtype, record, peak_mb))
+    return record
 
 
-def run_hf(workload: str, mode: str) -> dict:
-    """The same steps in HF transformers (PyTorch, CPU, fp32) + peft."""
+def _gpu_fields(kind: str, dtype: str, record: dict, peak_mem_mb: float) -> dict:
+    peak = GPU_PEAK_TFLOPS.get(kind, {}).get(dtype)
+    return {
+        "device": kind,
+        "device_peak_mem_mb": peak_mem_mb,
+        "peak_tflops_datasheet": peak,
+        "mfu": record["gflops_per_s"] / (peak * 1e3) if peak else None,
+    }
+
+
+def run_hf(workload: str, mode: str, dtype: str) -> dict:
+    """The same steps in HF transformers (PyTorch; CUDA when there is a GPU) + peft."""
+    import contextlib
+
     import numpy as np
     import torch
     import transformers
 
-    vocab, d, f, layers, heads, batch, seq = WORKLOADS[workload]
+    w = WORKLOADS[workload]
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=f,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+        vocab_size=w.vocab,
+        hidden_size=w.hidden,
+        intermediate_size=w.intermediate,
+        num_hidden_layers=w.layers,
+        num_attention_heads=w.heads,
+        num_key_value_heads=w.kv_heads,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=False,
         attention_bias=False,
         initializer_range=0.02,
     )
-    model = transformers.LlamaForCausalLM(cfg)
+    with device:  # initialised where it trains: a 1B init on the CPU takes a minute
+        model = transformers.LlamaForCausalLM(cfg)
     total = sum(p.numel() for p in model.parameters())
     if mode == "lora":
         import peft
@@ -171,33 +234,39 @@ def run_hf(workload: str, mode: str) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    ids = np.random.default_rng(1234).integers(0, vocab, (WARMUP + TIMED, batch, seq))
+    ids = np.random.default_rng(1234).integers(0, w.vocab, (WARMUP + TIMED, w.batch, w.seq))
+    bf16 = dtype == "bfloat16"
     times = []
     for i in range(WARMUP + TIMED):
-        x = torch.from_numpy(ids[i])
+        x = torch.from_numpy(ids[i]).to(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=x, labels=x).loss
+        with torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         loss.item()
         times.append(time.perf_counter() - start)
     # The embedding's gradient is a scatter, not a matmul; lm_head's is a matmul.
     trainable_matmul = sum(p.numel() for p in trainable if p.dim() == 2) - (
-        vocab * d if mode == "full" else 0
+        w.vocab * w.hidden if mode == "full" else 0
     )
-    flops = model_flops(vocab, d, f, layers, batch, seq, trainable_matmul)
+    flops = model_flops(w, trainable_matmul)
     trainable_count = sum(p.numel() for p in trainable)
-    gemm_peak = _torch_gemm_peak(vocab, d, f, batch, seq)
+    gemm_peak = _torch_gemm_peak(w, torch.bfloat16 if bf16 else torch.float32, device)
     record = _record("hf-peft", workload, mode, times, total, trainable_count, flops, gemm_peak)
-    return {**record, "torch_threads": torch.get_num_threads()}
+    record.update(dtype=dtype, torch_threads=torch.get_num_threads())
+    if gpu:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        record.update(_gpu_fields(torch.cuda.get_device_name(), dtype, record, peak_mb))
+    return record
 
 
 def _record(stack, workload, mode, times, total, trainable, flops, gemm_peak) -> dict:
     """One JSON record; the first `WARMUP` step times are excluded from the median."""
     import numpy as np
 
-    batch, seq = WORKLOADS[workload][5:]
+    batch, seq = WORKLOADS[workload][-2:]
     median = float(np.median(times[WARMUP:]))
     return {
         "stack": stack,
@@ -219,30 +288,29 @@ def _record(stack, workload, mode, times, total, trainable, flops, gemm_peak) ->
     }
 
 
-def _torch_gemm_peak(vocab, d, f, batch, seq) -> float:
+def _torch_gemm_peak(w: Workload, dtype, device) -> float:
     import numpy as np
     import torch
 
-    big = max([(d, f), (d, vocab)], key=lambda s: s[0] * s[1])
-    x, w = torch.ones(batch * seq, big[0]), torch.ones(big)
-    x @ w
+    big = max([(w.hidden, w.intermediate), (w.hidden, w.vocab)], key=lambda s: s[0] * s[1])
+    x = torch.randn(w.batch * w.seq, big[0], dtype=dtype, device=device)
+    y = torch.randn(big, dtype=dtype, device=device)
+    (x @ y).sum().item()
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        x @ w
+        (x @ y)[0, 0].item()  # synchronises on a GPU
         times.append(time.perf_counter() - start)
-    return 2 * batch * seq * big[0] * big[1] / float(np.median(times)) / 1e9
+    return 2 * w.batch * w.seq * big[0] * big[1] / float(np.median(times)) / 1e9
 
 
-def _run_in_subprocess(stack: str, workload: str, mode: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--run", stack, workload, mode],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def _run_in_subprocess(stack: str, workload: str, mode: str, dtype: str, attention: str):
+    """-> the run's record, or None (its error printed) if the process failed."""
+    run = ["--run", stack, workload, mode, dtype, attention]
+    out = subprocess.run([sys.executable, __file__, *run], capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"{stack} {workload}/{mode} failed:\n{out.stderr[-3000:]}")
+        print(f"{stack} {workload}/{mode} failed:\n{out.stderr[-3000:]}", flush=True)
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -253,24 +321,29 @@ def _print(record: dict) -> None:
         f"compile {record['compile_s']:.1f} s  rss {record['peak_rss_mb']:.0f} MB  "
         f"{record['gflops_per_s']:.0f} GFLOP/s "
         f"({record['gflops_per_s'] / record['gemm_peak_gflops']:.0%} of GEMM)  "
-        f"params {record['params_trainable']:,}/{record['params_total']:,}",
+        f"params {record['params_trainable']:,}/{record['params_total']:,}"
+        + (f"  MFU {record['mfu']:.1%}" if record.get("mfu") else "")
+        + (f"  mem {record['device_peak_mem_mb']:.0f} MB" if "device" in record else ""),
         flush=True,
     )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default="llama-tiny,llama-small")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--attention", default="auto", help="ftlib's model.attention")
     parser.add_argument("--vs", choices=("", "hf"), default="", help="also run HF PEFT")
-    parser.add_argument("--out", default="")
-    parser.add_argument(
-        "--run", nargs=3, metavar=("STACK", "WORKLOAD", "MODE"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--out", default="", help="JSON file, rewritten after every run")
+    parser.add_argument("--run", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        stack, workload, mode = args.run
-        print(json.dumps((run_one if stack == "ftlib" else run_hf)(workload, mode)))
+        stack, workload, mode, dtype, attention = args.run
+        if stack == "ftlib":
+            print(json.dumps(run_one(workload, mode, dtype, attention)))
+        else:
+            print(json.dumps(run_hf(workload, mode, dtype)))
         return
     stacks = ("ftlib", "hf-peft") if args.vs == "hf" else ("ftlib",)
     records = []
@@ -279,9 +352,14 @@ def main():
             # Alternate the stacks so machine noise hits both alike.
             pair = {}
             for stack in stacks:
-                pair[stack] = _run_in_subprocess(stack, workload, mode)
-                records.append(pair[stack])
-                _print(pair[stack])
+                record = _run_in_subprocess(stack, workload, mode, args.dtype, args.attention)
+                if record is None:
+                    continue
+                pair[stack] = record
+                records.append(record)
+                _print(record)
+                if args.out:
+                    pathlib.Path(args.out).write_text(json.dumps(records, indent=2))
             if len(pair) == 2:
                 hf_s = pair["hf-peft"]["median_step_s"]
                 print(
@@ -290,9 +368,6 @@ def main():
                     f"(floor at ftlib's GEMM peak: {pair['ftlib']['gemm_bound_step_s'] / hf_s:.2f})",
                     flush=True,
                 )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def get_config(arg=None):
         3  # layers per scan iteration: 3 runs ~1.5x faster on CPU, compiles in ~15 s
     )
     c.model.remat = "none"  # 'none' | 'full' | 'save_dots': per-block rematerialisation
+    # Causal attention kernel: 'auto' (blocked on CPU; a flash kernel on GPU in bf16),
+    # 'blocked' (any backend), 'cudnn' or 'pallas' (GPU flash attention).
+    c.model.attention = "auto"
 
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"  # see ftlib.peft.METHODS; '+' composes ('lora+prompt')

@@ -23,7 +23,11 @@ def block_rows(D: int) -> int:
     """Logits rows (B * t) per block for hidden size D, fitted on this project's CPU
     (benchmarks/README.md): with a small D the block is memory-bound and smaller slabs
     that stay in cache win (D=64, V=49k: 64 rows 15% faster than 256); with a large D
-    the matmuls dominate and need M >= 256 (D=512, V=32k: 64 rows 12% slower)."""
+    the matmuls dominate and need M >= 256 (D=512, V=32k: 64 rows 12% slower).
+    On accelerators the scan's per-block launches cost more than cache misses: 2048
+    rows (256 MB of float32 logits at V=32k) keep the blocks few and the matmuls big."""
+    if jax.default_backend() != "cpu":
+        return 2048
     return min(256, max(64, D))
 
 

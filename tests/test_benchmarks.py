@@ -24,11 +24,12 @@ def test_workload_parameter_counts(workload):
 
 
 def test_model_flops_counts_weight_gradients_only_for_trainable_matmuls():
-    vocab, d, f, layers, _, batch, seq = step_time.WORKLOADS["llama-tiny"]
-    tokens = batch * seq
-    n = layers * (4 * d * d + 3 * d * f) + vocab * d  # matmul params; embeddings are lookups
-    full = step_time.model_flops(vocab, d, f, layers, batch, seq, n)
-    lora = step_time.model_flops(vocab, d, f, layers, batch, seq, 156_160)
+    w = step_time.WORKLOADS["llama-tiny"]
+    d, tokens = w.hidden, w.batch * w.seq
+    # matmul params; embeddings are lookups
+    n = w.layers * (4 * d * d + 3 * d * w.intermediate) + w.vocab * d
+    full = step_time.model_flops(w, n)
+    lora = step_time.model_flops(w, 156_160)
     attention = full - 6 * n * tokens  # full fine-tuning: 6 N D plus attention's own matmuls
     assert 0 < attention < 0.2 * full
     # LoRA skips the weight gradients (2 FLOPs per weight per token) of frozen matmuls.

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from ftlib.linear_cross_entropy import linear_cross_entropy
-from ftlib.models.attention import attention, causal_attention, query_blocks
+from ftlib.models.attention import attention, causal_attention, query_blocks, resolve_impl
 from ftlib.models.layers import matmul
 from ftlib.peft.lora import lora_product
 
@@ -146,3 +146,45 @@ def test_linear_cross_entropy_frozen_head_skips_the_weight_gradient():
         jax.grad(lambda h: _plain_head_loss(h, w, targets, weight)[0])(h),
         atol=1e-6,
     )
+
+
+def _packed_segments(B, T):
+    """Segment ids matching _segment_mask: two packed segments, trailing padding."""
+    seg = np.zeros((B, T), np.int32)
+    seg[:, : T // 2] = 1
+    seg[:, T // 2 : T - T // 8] = 2
+    seg[1, T // 4 :] = 0
+    return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_pallas_flash_attention_matches_plain_attention(heads, kv_heads):
+    """The GPU flash kernel (run by the Pallas interpreter here) with segment ids and
+    GQA gives the masked attention's values and gradients."""
+    B, T, H = 2, 128, 16
+    keys = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(keys[0], (B, T, heads, H))
+    k = jax.random.normal(keys[1], (B, T, kv_heads, H))
+    v = jax.random.normal(keys[2], (B, T, kv_heads, H))
+    g = jax.random.normal(keys[3], (B, T, heads, H))
+    mask, seg = _segment_mask(B, T), _packed_segments(B, T)
+    want, want_grads = _vjp(lambda *a: attention(*a, mask), q, k, v, cotangent=g)
+
+    def flash(*a):
+        return causal_attention(*a, mask, segment_ids_BT=seg, impl="pallas")
+
+    got, got_grads = _vjp(flash, q, k, v, cotangent=g)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_attention_impl_falls_back_to_blocked_when_a_kernel_cannot_run():
+    assert resolve_impl("auto", jnp.bfloat16, 256, True) == "blocked"  # CPU
+    assert resolve_impl("pallas", jnp.float32, 256, False) == "blocked"  # no segment ids
+    assert resolve_impl("pallas", jnp.float32, 200, True) == "blocked"  # T % 128
+    assert resolve_impl("pallas", jnp.float32, 256, True) == "pallas"
+    assert resolve_impl("cudnn", jnp.float32, 256, True) == "blocked"  # cuDNN: half only
+    assert resolve_impl("cudnn", jnp.bfloat16, 256, True) == "cudnn"
+    with pytest.raises(ValueError, match="flash"):
+        resolve_impl("flash", jnp.float32, 256, True)

@@ -159,6 +159,24 @@ def test_packed_segments_do_not_see_each_other():
     np.testing.assert_allclose(out[5:], model(jnp.asarray(b[None]))[0], atol=1e-5)
 
 
+def test_flash_kernel_reads_the_packed_segment_ids():
+    """attention='pallas' (the GPU flash kernel, interpreted on CPU) gets each layer
+    the batch's segment ids and gives the blocked kernel's logits; a bad name is a
+    config error."""
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)))
+    seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
+    pos = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))])
+    blocked = Llama(dataclasses.replace(CFG, attention="blocked"), rngs=nnx.Rngs(1))
+    flash = Llama(dataclasses.replace(CFG, attention="pallas"), rngs=nnx.Rngs(1))
+    want, got = blocked(ids, pos, seg), flash(ids, pos, seg)
+    assert "pallas_call" in str(jax.make_jaxpr(lambda *a: flash(*a))(ids, pos, seg))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(got[1, :9], want[1, :9], atol=1e-5)  # the rest is padding
+    with pytest.raises(FtlibError, match="model.attention"):
+        dataclasses.replace(CFG, attention="flash")
+
+
 def test_hf_mapping_rejects_bad_checkpoints():
     tensors = random_hf_tensors(CFG)
     with pytest.raises(FtlibError, match="does not use"):

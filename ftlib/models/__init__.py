@@ -73,7 +73,9 @@ def build_model(model_cfg, seed: int, num_labels: int = 0):
                 **extra,
             )
             return model, source.tokenizer
-        return from_pretrained(source.hf_config, source.tensors, **runtime), source.tokenizer
+        attention = model_cfg.get("attention", "auto")
+        model = from_pretrained(source.hf_config, source.tensors, attention=attention, **runtime)
+        return model, source.tokenizer
     if num_labels:
         raise FtlibError(
             "data.format=sequence_classification needs a pretrained encoder: set "

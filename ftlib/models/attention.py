@@ -7,6 +7,11 @@ probability matrices, half of which the causal mask throws away, and XLA's
 layouts for its backward add transposes. `causal_attention` cuts queries into
 blocks and gives block i only keys [0, end of block i): the work above the
 diagonal is never done, and the backward reuses the saved probabilities.
+
+On a GPU, flash-attention kernels do the same without storing probabilities:
+`impl='cudnn'` (cuDNN's fused attention; the segment mask goes in as an additive
+bias) or `impl='pallas'` (JAX's Pallas/Triton kernel, which takes segment ids).
+`impl='auto'` picks per backend and dtype (`resolve_impl`).
 """
 
 from __future__ import annotations
@@ -41,13 +46,71 @@ def query_blocks(T: int, target: int = 128) -> int:
     return n
 
 
-def causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, num_blocks: int | None = None):
+IMPLS = ("auto", "blocked", "cudnn", "pallas")
+# What 'auto' runs on a GPU in bf16/fp16 (benchmarks/README.md, GPU section).
+GPU_AUTO = "blocked"
+
+
+def resolve_impl(impl: str, dtype, T: int, has_segment_ids: bool) -> str:
+    """The kernel that `causal_attention(impl=...)` runs for this call: 'auto' is
+    GPU_AUTO on a GPU in half precision and 'blocked' elsewhere; a kernel that cannot
+    take the call (pallas without segment ids, or T not a multiple of its 128-row
+    blocks; cudnn in float32) falls back to 'blocked'."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {IMPLS}")
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if impl == "auto":
+        impl = GPU_AUTO if jax.default_backend() == "gpu" and half else "blocked"
+    if impl == "pallas" and (not has_segment_ids or (T > 128 and T % 128)):
+        return "blocked"
+    if impl == "cudnn" and not half:
+        return "blocked"
+    return impl
+
+
+def causal_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    mask_BTT,
+    num_blocks: int | None = None,
+    *,
+    segment_ids_BT=None,
+    impl: str = "blocked",
+):
     """`attention` for self-attention whose mask is causal (key s > query t never
     visible; segment or padding masks on top are fine). Same result, about half
-    the work: query block i only meets keys up to its own end."""
-    T = q_BTNH.shape[1]
+    the work: query block i only meets keys up to its own end. segment_ids_BT, when
+    given, must say the same as mask_BTT (causal within equal ids): the pallas
+    kernel reads them instead of the mask."""
+    B, T, N, H = q_BTNH.shape
+    impl = resolve_impl(impl, q_BTNH.dtype, T, segment_ids_BT is not None)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BTKH, v_BTKH, mask=mask_BTT[:, None], is_causal=True, implementation="cudnn"
+        )
+    if impl == "pallas":
+        return _pallas(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     n = query_blocks(T) if num_blocks is None else num_blocks
     return _causal(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)
+
+
+def _pallas(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+    """JAX's Pallas flash attention (Triton on GPU; interpreted elsewhere, for tests)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # needs Triton
+
+    G = q_BTNH.shape[2] // k_BTKH.shape[2]
+    if G > 1:  # the kernel takes one key/value head per query head; head n reads n // G
+        k_BTKH, v_BTKH = jnp.repeat(k_BTKH, G, axis=2), jnp.repeat(v_BTKH, G, axis=2)
+    return pallas_attention.mha(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        segment_ids_BT,
+        sm_scale=q_BTNH.shape[-1] ** -0.5,
+        causal=True,
+        interpret=jax.default_backend() != "gpu",
+    )
 
 
 def _to_heads(q_BTNH, k_BTKH, v_BTKH):

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx, struct
 
 from ftlib.errors import FtlibError
-from ftlib.models.attention import attention, causal_attention
+from ftlib.models.attention import IMPLS, attention, causal_attention
 from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_tables
 
 REMAT_POLICIES = {
@@ -43,6 +43,13 @@ class LlamaConfig:
     scan_layers: bool = True  # lax.scan over blocks (False: a Python loop, same params)
     scan_unroll: int = 1  # layers per scan iteration (more: faster steps, longer compile)
     remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "auto"  # causal self-attention kernel: ftlib.models.attention.IMPLS
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise FtlibError(f"model.remat={self.remat!r}: expected one of {list(REMAT_POLICIES)}")
+        if self.attention not in IMPLS:
+            raise FtlibError(f"model.attention={self.attention!r}: expected one of {list(IMPLS)}")
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
@@ -89,11 +96,13 @@ class Attention(nnx.Module):
         )
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), rngs=rngs, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.impl = cfg.attention
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None, kv=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None, kv=None, segment_ids_BT=None):
         """kv: None (attend over this call's T tokens) or (k_BSKH, v_BSKH, index), a
         buffer of S slots (prefix key/values, earlier tokens) that this call's keys
         and values are written into at slot `index` before attending over all S.
+        segment_ids_BT: None, or what mask_BTS says for kernels that read segment ids.
         Returns (out_BTD, the updated (k, v) buffers or None)."""
         B, T, _ = x_BTD.shape
         K, N, H = self.num_kv_heads, self.num_heads, self.head_dim
@@ -103,7 +112,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x_BTD, rng=keys[2]).reshape(B, T, K, H)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:  # self-attention over this call's tokens: the mask is causal
-            out_BTNH = causal_attention(q, k, v, mask_BTS)
+            out_BTNH = causal_attention(
+                q, k, v, mask_BTS, segment_ids_BT=segment_ids_BT, impl=self.impl
+            )
         else:
             k_buf, v_buf, index = kv
             k = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), index, axis=1)
@@ -152,9 +163,11 @@ class Block(nnx.Module):
         )
         self.mlp = MLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None, kv=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, rng=None, kv=None, segment_ids_BT=None):
         keys = _split(rng, 2)
-        a_BTD, kv = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, rng=keys[0], kv=kv)
+        a_BTD, kv = self.attn(
+            self.attn_norm(x_BTD), cos, sin, mask_BTS, keys[0], kv, segment_ids_BT
+        )
         x_BTD = x_BTD + a_BTD
         return x_BTD + self.mlp(self.mlp_norm(x_BTD), rng=keys[1]), kv
 
@@ -258,7 +271,9 @@ class Llama(nnx.Module):
             )
         else:
             mask_BQS = mask_BQQ
-        h, kv = self._run_blocks(h, cos, sin, mask_BQS, rng, kv)
+        # Soft tokens (segment -1, seen by all) are beyond what segment ids can say.
+        segment_ids = segment_ids_BT if N == 0 else None
+        h, kv = self._run_blocks(h, cos, sin, mask_BQS, rng, kv, segment_ids)
         h = self.final_norm(h[:, N:])
         if kv is None:
             return h, None
@@ -283,7 +298,7 @@ class Llama(nnx.Module):
         h, kv = self._run_blocks(h, cos, sin, valid_BS[:, None, :] & causal_TS, None, kv)
         return self.final_norm(h), KVCache(*kv, valid_BS, cache.index + T, cache.offset)
 
-    def _run_blocks(self, h, cos, sin, mask_BTS, rng, kv=None):
+    def _run_blocks(self, h, cos, sin, mask_BTS, rng, kv=None, segment_ids_BT=None):
         """-> (h, stacked (k, v) buffers or None); kv = (k_LBSKH, v_LBSKH, index)."""
         graphdef, state = nnx.split(self.blocks)
         L = self.cfg.num_layers
@@ -294,7 +309,7 @@ class Llama(nnx.Module):
             layer_state, key, layer_kv = layer
             block = nnx.merge(graphdef, layer_state)
             layer_kv = None if layer_kv is None else (*layer_kv, index)
-            return block(h, cos, sin, mask_BTS, rng=key, kv=layer_kv)
+            return block(h, cos, sin, mask_BTS, key, layer_kv, segment_ids_BT)
 
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":

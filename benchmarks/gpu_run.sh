@@ -1,0 +1,39 @@
+#!/bin/bash
+# The performance issue's GPU checks in one call (a lent GPU machine has minutes):
+# the attention kernels, then llama-1b in bf16 (ftlib with the fastest right kernel,
+# and HF PEFT), then the CPU workloads in fp32, each stage under its own timeout.
+# Results go to $OUT (default /tmp/ftlib-gpu). Run from the repo root:
+#   bash benchmarks/gpu_run.sh
+# Wheels in .whl/ (flax, optax, ml_collections as pinned in setup.py) are installed
+# to /tmp/site first when the machine's own packages lack or differ from them.
+set -u
+OUT=${OUT:-/tmp/ftlib-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  if PYTHONPATH=/tmp/site python3 -c "import jax, ml_collections, optax; from flax import nnx"; then
+    export PYTHONPATH=/tmp/site
+  else  # the pinned flax does not import with this jax: keep the machine's, add the rest
+    mkdir -p /tmp/site2 && cp -r /tmp/site/ml_collections* /tmp/site2/
+    export PYTHONPATH=/tmp/site2
+  fi
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import jax, flax, optax, torch, transformers, peft
+print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+best=$(timeout "${ATTN_S:-120}" python3 benchmarks/attention_kernels.py \
+  --out="$OUT/attention_kernels.json" 2>&1 | tee "$OUT/attention.log" | tail -1)
+case "$best" in blocked | cudnn | pallas) ;; *) best=blocked ;; esac
+echo "attention for llama-1b: $best"
+
+timeout "${BIG_S:-300}" python3 benchmarks/step_time.py --workloads=llama-1b --dtype=bfloat16 \
+  --attention="$best" --vs=hf --out="$OUT/step_time_gpu_1b.json" 2>&1 | tee "$OUT/step_1b.log"
+
+timeout "${FP32_S:-150}" python3 benchmarks/step_time.py --workloads=llama-tiny,llama-small \
+  --vs=hf --out="$OUT/step_time_gpu_fp32.json" 2>&1 | tee "$OUT/step_fp32.log"
