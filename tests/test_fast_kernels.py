@@ -8,7 +8,13 @@ import optax
 import pytest
 
 from ftlib.linear_cross_entropy import linear_cross_entropy
-from ftlib.models.attention import attention, causal_attention, query_blocks, resolve_impl
+from ftlib.models.attention import (
+    attention,
+    causal_attention,
+    query_blocks,
+    resolve_impl,
+    unpacked_lengths,
+)
 from ftlib.models.layers import matmul
 from ftlib.peft.lora import lora_product
 
@@ -188,3 +194,10 @@ def test_attention_impl_falls_back_to_blocked_when_a_kernel_cannot_run():
     assert resolve_impl("cudnn", jnp.bfloat16, 256, True) == "cudnn"
     with pytest.raises(ValueError, match="flash"):
         resolve_impl("flash", jnp.float32, 256, True)
+
+
+def test_unpacked_rows_are_recognised_for_the_cudnn_length_mask():
+    lengths, unpacked = unpacked_lengths(jnp.asarray([[1, 1, 1, 0], [2, 2, 2, 2]]))
+    assert lengths.tolist() == [3, 4] and bool(unpacked)
+    for packed_or_odd in ([[1, 1, 2, 2]], [[1, 0, 1, 1]], [[0, 0, 0, 0]], [[0, 1, 1, 1]]):
+        assert not bool(unpacked_lengths(jnp.asarray(packed_or_odd))[1]), packed_or_odd
