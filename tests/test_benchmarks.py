@@ -51,3 +51,14 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         assert not step_time.llama_config("llama-tiny").scan_layers
     assert attention.query_blocks(256) == 2 and step_time.llama_config("llama-tiny").scan_layers
     assert Llama.output_projection is plain
+
+
+def test_llama_1b_is_tinyllama_shaped():
+    """The GPU workload: TinyLlama-1.1B's parameter count (HF's count in the H200 run),
+    and GQA's smaller k/v projections in the FLOP count."""
+    cfg = step_time.llama_config("llama-1b", "bfloat16")
+    assert cfg.param_count() == 1_100_048_384 and cfg.num_kv_heads == 4
+    w = step_time.WORKLOADS["llama-1b"]
+    mha = step_time.model_flops(w._replace(kv_heads=w.heads), 0)
+    kv_saved = 2 * w.hidden * (w.hidden - w.hidden // w.heads * w.kv_heads) * w.layers
+    assert mha - step_time.model_flops(w, 0) == 4 * kv_saved * w.batch * w.seq
