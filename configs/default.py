@@ -17,6 +17,9 @@ def get_config(arg=None):
     c.seed = 0  # model init (random init / adapters), dropout
     c.max_steps = 100  # optimizer steps
     c.log_every = 10  # train metrics interval (one host sync per interval)
+    # JAX's persistent compilation cache: a restart, resume or sweep run loads its
+    # compiled steps. 'auto' = FTLIB_CACHE/xla/<host>; a folder; '' = off.
+    c.compilation_cache = "auto"
 
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = (

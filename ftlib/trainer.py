@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from ftlib import adapters, data, peak_rss, peft, sharding
+from ftlib import adapters, compile_cache, data, peak_rss, peft, sharding
 from ftlib.checkpoint import Checkpointer
 from ftlib.metrics import MetricsLogger, read_metrics, run_dir, save_config
 from ftlib.models import build_model
@@ -159,6 +159,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     peak_rss.reset()  # the summary's peak is this run's, not an earlier sweep run's
     workdir = run_dir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    compile_cache.enable(config.compilation_cache)
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.sharding_rules)
 
