@@ -178,7 +178,7 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     from ftlib.models.attention import resolve_impl
 
     device = jax.devices()[0]
-    record.update(dtype=dtype, attention=resolve_impl(attention, dtype, w.seq, True))
+    record.update(dtype=dtype, attention=resolve_impl(attention, dtype, w.seq, cfg.head_dim, True))
     if gpu:
         peak_mb = device.memory_stats()["peak_bytes_in_use"] / 2**20
         record.update(_gpu_fields(device.device_kind, dtype, record, peak_mb))

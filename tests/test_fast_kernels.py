@@ -186,14 +186,15 @@ def test_pallas_flash_attention_matches_plain_attention(heads, kv_heads):
 
 
 def test_attention_impl_falls_back_to_blocked_when_a_kernel_cannot_run():
-    assert resolve_impl("auto", jnp.bfloat16, 256, True) == "blocked"  # CPU
-    assert resolve_impl("pallas", jnp.float32, 256, False) == "blocked"  # no segment ids
-    assert resolve_impl("pallas", jnp.float32, 200, True) == "blocked"  # T % 128
-    assert resolve_impl("pallas", jnp.float32, 256, True) == "pallas"
-    assert resolve_impl("cudnn", jnp.float32, 256, True) == "blocked"  # cuDNN: half only
-    assert resolve_impl("cudnn", jnp.bfloat16, 256, True) == "cudnn"
+    assert resolve_impl("auto", jnp.bfloat16, 256, 64, True) == "blocked"  # CPU
+    assert resolve_impl("pallas", jnp.float32, 256, 64, False) == "blocked"  # no segment ids
+    assert resolve_impl("pallas", jnp.float32, 200, 64, True) == "blocked"  # T % 128
+    assert resolve_impl("pallas", jnp.float32, 256, 64, True) == "pallas"
+    assert resolve_impl("cudnn", jnp.float32, 256, 64, True) == "blocked"  # cuDNN: half only
+    assert resolve_impl("cudnn", jnp.bfloat16, 256, 64, True) == "cudnn"
+    assert resolve_impl("cudnn", jnp.bfloat16, 256, 256, True) == "blocked"  # wide heads
     with pytest.raises(ValueError, match="flash"):
-        resolve_impl("flash", jnp.float32, 256, True)
+        resolve_impl("flash", jnp.float32, 256, 64, True)
 
 
 def test_unpacked_rows_are_recognised_for_the_cudnn_length_mask():

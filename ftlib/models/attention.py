@@ -51,11 +51,12 @@ IMPLS = ("auto", "blocked", "cudnn", "pallas")
 GPU_AUTO = "cudnn"
 
 
-def resolve_impl(impl: str, dtype, T: int, has_segment_ids: bool) -> str:
+def resolve_impl(impl: str, dtype, T: int, head_dim: int, has_segment_ids: bool) -> str:
     """The kernel that `causal_attention(impl=...)` runs for this call: 'auto' is
     GPU_AUTO on a GPU in half precision and 'blocked' elsewhere; a kernel that cannot
     take the call (pallas without segment ids, or T not a multiple of its 128-row
-    blocks; cudnn in float32) falls back to 'blocked'."""
+    blocks; cudnn in float32 or with heads wider than 128 or not a multiple of 8)
+    falls back to 'blocked'."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: expected one of {IMPLS}")
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
@@ -63,7 +64,7 @@ def resolve_impl(impl: str, dtype, T: int, has_segment_ids: bool) -> str:
         impl = GPU_AUTO if jax.default_backend() == "gpu" and half else "blocked"
     if impl == "pallas" and (not has_segment_ids or (T > 128 and T % 128)):
         return "blocked"
-    if impl == "cudnn" and not half:
+    if impl == "cudnn" and (not half or head_dim > 128 or head_dim % 8):
         return "blocked"
     return impl
 
@@ -84,7 +85,7 @@ def causal_attention(
     given, must say the same as mask_BTT (causal within equal ids): the pallas
     kernel reads them instead of the mask."""
     B, T, N, H = q_BTNH.shape
-    impl = resolve_impl(impl, q_BTNH.dtype, T, segment_ids_BT is not None)
+    impl = resolve_impl(impl, q_BTNH.dtype, T, H, segment_ids_BT is not None)
     if impl == "cudnn":
         return _cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTT, segment_ids_BT)
     if impl == "pallas":
