@@ -22,6 +22,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from ftlib.assets import cache_dir
 
 MAX_BYTES = 2 * 2**30  # least recently used executables go beyond this
+_ours: str | None = None  # the folder the last enable() set, to tell it from the user's
 
 
 def host_key() -> str:
@@ -39,15 +40,18 @@ def host_key() -> str:
 def enable(setting: str) -> pathlib.Path | None:
     """setting: 'auto' (JAX's own cache dir if the user set one, else
     <ftlib cache dir>/xla/<host key>), a folder, or '' (off). -> the folder or None."""
+    global _ours
     if setting == "auto":
-        own = jax.config.jax_compilation_cache_dir
-        path = pathlib.Path(own) if own else cache_dir() / "xla" / host_key()
+        users = jax.config.jax_compilation_cache_dir
+        users = None if users == _ours else users
+        path = pathlib.Path(users) if users else cache_dir() / "xla" / host_key()
     else:
         path = pathlib.Path(setting).expanduser() if setting else None
     # JAX decides once per process whether the cache is on, at the first compile;
     # resetting makes this setting count whatever ran before.
     compilation_cache.reset_cache()
-    compilation_cache.set_cache_dir(str(path) if path else None)
+    _ours = str(path) if path else None
+    compilation_cache.set_cache_dir(_ours)
     if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

@@ -46,9 +46,17 @@ def test_tiny_overfits_one_batch():
     assert float(metrics["loss"]) < 0.1
 
 
-def test_cli_tiny_run_improves_val_loss(tmp_path):
-    out = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.max_steps=20")
+def test_cli_tiny_run_improves_val_loss(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # keep every compile
+    cache = tmp_path.parent / f"{tmp_path.name}-xla"
+    out = run_cli(
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path}",
+        "--config.max_steps=20",
+        f"--config.compilation_cache={cache}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert list(cache.glob("jit_train_step-*-cache")), "the run's compiled step is cached"
     records = read_metrics(tmp_path)
     val = [r["loss"] for r in records if r["split"] == "val"]
     assert len(val) == 2 and val[-1] < val[0]
