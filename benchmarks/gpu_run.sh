@@ -4,8 +4,11 @@
 # and HF PEFT), then the CPU workloads in fp32, each stage under its own timeout.
 # Results go to $OUT (default /tmp/ftlib-gpu). Run from the repo root:
 #   bash benchmarks/gpu_run.sh
-# Wheels in .whl/ (flax, optax, ml_collections as pinned in setup.py) are installed
-# to /tmp/site first when the machine's own packages lack or differ from them.
+# Wheels in .whl/ are installed to /tmp/site first: ml_collections, which the GPU image
+# lacks, and flax/optax as pinned in setup.py, used only if they import with the image's
+# jax (on 2026-11-26 flax 0.12.8 did not with jax 0.11.2; the image's flax 0.12.10 ran).
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl flax==0.12.8 ml_collections==1.1.0 optax==0.2.8
 set -u
 OUT=${OUT:-/tmp/ftlib-gpu}
 mkdir -p "$OUT"
