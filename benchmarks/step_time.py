@@ -140,6 +140,8 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from ftlib.models.attention import resolve_impl
+
     gpu = jax.default_backend() == "gpu"
     if gpu and dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")  # no TF32, as torch
@@ -175,8 +177,6 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     record = _record(
         "ftlib", workload, mode, times, mask.count(), mask.count(True), flops, gemm_peak
     )
-    from ftlib.models.attention import resolve_impl
-
     device = jax.devices()[0]
     record.update(dtype=dtype, attention=resolve_impl(attention, dtype, w.seq, cfg.head_dim, True))
     if gpu:

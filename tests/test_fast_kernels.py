@@ -19,13 +19,18 @@ from ftlib.models.layers import matmul
 from ftlib.peft.lora import lora_product
 
 
-def _segment_mask(B, T):
-    """Causal, two packed segments and trailing padding (segment 0)."""
+def _packed_segments(B, T):
+    """Segment ids: two packed segments and trailing padding (segment 0)."""
     seg = np.zeros((B, T), np.int32)
     seg[:, : T // 2] = 1
     seg[:, T // 2 : T - T // 8] = 2
     seg[1, T // 4 :] = 0  # a row that is mostly padding
-    seg = jnp.asarray(seg)
+    return jnp.asarray(seg)
+
+
+def _segment_mask(B, T):
+    """Causal within the segments of _packed_segments."""
+    seg = _packed_segments(B, T)
     return jnp.tril(jnp.ones((T, T), bool)) & (seg[:, :, None] == seg[:, None, :])
 
 
@@ -39,20 +44,28 @@ def _vjp(fn, *args, cotangent):
     return jax.jit(value_and_pullback)(*args)
 
 
-@pytest.mark.parametrize("heads,kv_heads,num_blocks", [(4, 4, 1), (4, 2, 2), (6, 1, 4), (4, 4, 8)])
-def test_causal_attention_matches_plain_attention(heads, kv_heads, num_blocks):
-    B, T, H = 2, 32, 8
-    keys = jax.random.split(jax.random.key(0), 4)
+def _assert_matches_plain_attention(causal_fn, B, T, heads, kv_heads, H, seed):
+    """causal_fn(q, k, v, mask) gives `attention`'s values and gradients on random
+    inputs with packed segments, padding and GQA."""
+    keys = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(keys[0], (B, T, heads, H))
     k = jax.random.normal(keys[1], (B, T, kv_heads, H))
     v = jax.random.normal(keys[2], (B, T, kv_heads, H))
     g = jax.random.normal(keys[3], (B, T, heads, H))
     mask = _segment_mask(B, T)
     want, want_grads = _vjp(lambda *a: attention(*a, mask), q, k, v, cotangent=g)
-    got, got_grads = _vjp(lambda *a: causal_attention(*a, mask, num_blocks), q, k, v, cotangent=g)
+    got, got_grads = _vjp(lambda *a: causal_fn(*a, mask), q, k, v, cotangent=g)
     np.testing.assert_allclose(got, want, atol=1e-5)
     for name, a, b in zip("qkv", got_grads, want_grads):
         np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("heads,kv_heads,num_blocks", [(4, 4, 1), (4, 2, 2), (6, 1, 4), (4, 4, 8)])
+def test_causal_attention_matches_plain_attention(heads, kv_heads, num_blocks):
+    def blocked(q, k, v, mask):
+        return causal_attention(q, k, v, mask, num_blocks)
+
+    _assert_matches_plain_attention(blocked, 2, 32, heads, kv_heads, 8, seed=0)
 
 
 def test_causal_attention_bfloat16_close_to_float32():
@@ -154,35 +167,17 @@ def test_linear_cross_entropy_frozen_head_skips_the_weight_gradient():
     )
 
 
-def _packed_segments(B, T):
-    """Segment ids matching _segment_mask: two packed segments, trailing padding."""
-    seg = np.zeros((B, T), np.int32)
-    seg[:, : T // 2] = 1
-    seg[:, T // 2 : T - T // 8] = 2
-    seg[1, T // 4 :] = 0
-    return jnp.asarray(seg)
-
-
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
 def test_pallas_flash_attention_matches_plain_attention(heads, kv_heads):
     """The GPU flash kernel (run by the Pallas interpreter here) with segment ids and
     GQA gives the masked attention's values and gradients."""
     B, T, H = 2, 128, 16
-    keys = jax.random.split(jax.random.key(2), 4)
-    q = jax.random.normal(keys[0], (B, T, heads, H))
-    k = jax.random.normal(keys[1], (B, T, kv_heads, H))
-    v = jax.random.normal(keys[2], (B, T, kv_heads, H))
-    g = jax.random.normal(keys[3], (B, T, heads, H))
-    mask, seg = _segment_mask(B, T), _packed_segments(B, T)
-    want, want_grads = _vjp(lambda *a: attention(*a, mask), q, k, v, cotangent=g)
+    seg = _packed_segments(B, T)
 
-    def flash(*a):
-        return causal_attention(*a, mask, segment_ids_BT=seg, impl="pallas")
+    def flash(q, k, v, mask):
+        return causal_attention(q, k, v, mask, segment_ids_BT=seg, impl="pallas")
 
-    got, got_grads = _vjp(flash, q, k, v, cotangent=g)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    for name, a, b in zip("qkv", got_grads, want_grads):
-        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"d{name}")
+    _assert_matches_plain_attention(flash, B, T, heads, kv_heads, H, seed=2)
 
 
 def test_attention_impl_falls_back_to_blocked_when_a_kernel_cannot_run():

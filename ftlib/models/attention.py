@@ -9,8 +9,9 @@ blocks and gives block i only keys [0, end of block i): the work above the
 diagonal is never done, and the backward reuses the saved probabilities.
 
 On a GPU, flash-attention kernels do the same without storing probabilities:
-`impl='cudnn'` (cuDNN's fused attention; the segment mask goes in as an additive
-bias) or `impl='pallas'` (JAX's Pallas/Triton kernel, which takes segment ids).
+`impl='cudnn'` (cuDNN's fused attention: a causal + sequence-length mask when rows
+are unpacked, the segment mask as an additive bias when packed) or `impl='pallas'`
+(JAX's Pallas/Triton kernel, which takes segment ids).
 `impl='auto'` picks per backend and dtype (`resolve_impl`).
 """
 
@@ -107,7 +108,7 @@ def _cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTT, segment_ids_BT):
     """cuDNN's fused attention. Batches of unpacked rows (one segment, then padding)
     take its causal + sequence-length mask, which skips the masked work; packed rows
     need the mask as an additive [B, 1, T, T] bias, whose gradient cuDNN then also
-    computes (about half the speed on an H200, benchmarks/README.md)."""
+    computes (1.5x the time on an H200 at llama-1b's shape, benchmarks/README.md)."""
 
     def fused(**mask):
         return jax.nn.dot_product_attention(
