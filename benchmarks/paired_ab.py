@@ -2,13 +2,17 @@
 
   python benchmarks/paired_ab.py --workload=llama-small --mode=full --variants=plain_head
   python benchmarks/paired_ab.py --variants=plain_head,layer_loop,one_query_block --steps=12
+  python benchmarks/paired_ab.py --workload=llama-1b --dtype=bfloat16 \
+      --variants=layer_scan,no_triton_gemm  # on a GPU
 
 On a noisy shared machine, separate processes differ by ±15% from run to run; here
 every variant is compiled up front, then each round runs one step of each (order
 reversed every other round), so slow spells hit all of them. Reported per variant:
 median step seconds and the median over rounds of its step time / the baseline's
 (`ftlib`, the library as it is). Variants are context managers that change how
-the step is built (tracing happens inside them); add one to VARIANTS to test an idea.
+the step is built (tracing happens inside them), or XLA options for its compile
+(COMPILER_OPTIONS); add one to test an idea. A variant that fails to build is
+reported and left out.
 """
 
 import argparse
@@ -36,7 +40,8 @@ def _patched(obj, name, value):
 
 def _config_override(**changes):
     base = step_time.llama_config
-    return _patched(step_time, "llama_config", lambda w: dataclasses.replace(base(w), **changes))
+    override = lambda *a, **kw: dataclasses.replace(base(*a, **kw), **changes)  # noqa: E731
+    return _patched(step_time, "llama_config", override)
 
 
 def _plain_head():
@@ -57,7 +62,14 @@ VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
     "layer_loop": lambda: _config_override(scan_layers=False),
+    "layer_scan": lambda: _config_override(scan_layers=True),
+    "unroll2": lambda: _config_override(scan_unroll=2),
     "one_query_block": _one_query_block,
+}
+# Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
+COMPILER_OPTIONS = {
+    "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
+    "no_command_buffer": {"xla_gpu_enable_command_buffer": ""},
 }
 
 
@@ -65,28 +77,39 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="llama-tiny", choices=list(step_time.WORKLOADS))
     parser.add_argument("--mode", default="full", choices=step_time.MODES)
-    parser.add_argument("--variants", default="plain_head", help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--attention", default="auto", help="ftlib's model.attention")
+    known = [*VARIANTS, *COMPILER_OPTIONS]
+    parser.add_argument("--variants", default="plain_head", help=f"comma list of {known}")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds after 3 warm-up")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     names = ["ftlib", *[v for v in args.variants.split(",") if v != "ftlib"]]
-    unknown = set(names) - set(VARIANTS)
+    unknown = set(names) - set(known)
     if unknown:
-        sys.exit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+        sys.exit(f"unknown variants {sorted(unknown)}; known: {known}")
 
     import numpy as np
 
     rounds = step_time.WARMUP + args.steps
     batches = step_time.batches(args.workload, rounds)
     runs = {}
-    for name in names:
-        with VARIANTS[name]():
-            cfg = step_time.llama_config(args.workload)
-            step, state, frozen, _ = step_time.train_setup(cfg, args.mode, rounds)
-            start = time.perf_counter()
-            step = step.lower(state, frozen, batches[0]).compile()
-            runs[name] = {"step": step, "state": state, "frozen": frozen, "times": []}
-            runs[name]["compile_s"] = time.perf_counter() - start
+    for name in list(names):
+        try:
+            with VARIANTS.get(name, contextlib.nullcontext)():
+                cfg = step_time.llama_config(args.workload, args.dtype, args.attention)
+                step, state, frozen, _ = step_time.train_setup(cfg, args.mode, rounds)
+                start = time.perf_counter()
+                lowered = step.lower(state, frozen, batches[0])
+                step = lowered.compile(COMPILER_OPTIONS.get(name))
+        except Exception as e:  # noqa: BLE001 - a broken variant must not stop the others
+            if name == "ftlib":
+                raise
+            print(f"variant {name} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
+            names.remove(name)
+            continue
+        runs[name] = {"step": step, "state": state, "frozen": frozen, "times": []}
+        runs[name]["compile_s"] = time.perf_counter() - start
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
             run = runs[name]
@@ -103,6 +126,7 @@ def main():
             "workload": args.workload,
             "mode": args.mode,
             "variant": name,
+            "dtype": args.dtype,
             "median_step_s": float(np.median(times)),
             "paired_ratio_to_ftlib": float(np.median(times / base)),
             "compile_s": runs[name]["compile_s"],

@@ -41,7 +41,9 @@ def get_config(arg=None):
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on accelerators)
     c.model.param_dtype = "float32"  # storage dtype of params
     c.model.frozen_dtype = ""  # storage dtype of frozen params ('bfloat16' halves a LoRA base)
-    c.model.scan_layers = True  # lax.scan over layers: compile time independent of depth
+    # True: lax.scan over layers (compile time independent of depth); False: a Python
+    # loop; None: a loop on GPU (faster steps there), scan elsewhere.
+    c.model.scan_layers = ml_collections.FieldReference(None, field_type=bool)
     c.model.scan_unroll = (
         3  # layers per scan iteration: 3 runs ~1.5x faster on CPU, compiles in ~15 s
     )

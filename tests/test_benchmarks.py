@@ -48,8 +48,13 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     with paired_ab.VARIANTS["one_query_block"]():
         assert attention.query_blocks(256) == 1
     with paired_ab.VARIANTS["layer_loop"]():
-        assert not step_time.llama_config("llama-tiny").scan_layers
-    assert attention.query_blocks(256) == 2 and step_time.llama_config("llama-tiny").scan_layers
+        assert step_time.llama_config("llama-tiny").scan_layers is False
+    with paired_ab.VARIANTS["layer_scan"]():
+        assert step_time.llama_config("llama-1b", "bfloat16").scan_layers is True
+    assert (
+        attention.query_blocks(256) == 2
+        and step_time.llama_config("llama-tiny").scan_layers is None
+    )
     assert Llama.output_projection is plain
 
 
@@ -62,3 +67,29 @@ def test_llama_1b_is_tinyllama_shaped():
     mha = step_time.model_flops(w._replace(kv_heads=w.heads), 0)
     kv_saved = 2 * w.hidden * (w.hidden - w.hidden // w.heads * w.kv_heads) * w.layers
     assert mha - step_time.model_flops(w, 0) == 4 * kv_saved * w.batch * w.seq
+
+
+def test_profile_kinds_from_gpu_hlo():
+    """profile_step.py sorts a GPU step's ops into phase and kind from the optimized
+    HLO (lines trimmed from the H200 llama-1b run), and by name for ops it lacks."""
+    import profile_step
+
+    bwd = 'metadata={op_name="jit(train_step)/transpose(jvp())/while/body/dot_general"}'
+    hlo = f"""
+  %custom-call.4 = (bf16[5632,2048]{{1,0}}, s8[33554432]{{0}}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", {bwd}
+  %dot_product_attention_fwd.4 = (bf16[8,32,2048,64]{{3,1,2,0}}, u8[0]{{0}}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", metadata={{op_name="jit(train_step)/jvp()/dot_product_attention"}}
+  %gemm_fusion_dot_general.1 = bf16[2048,2048]{{1,0}} fusion(%a, %b), kind=kCustom, calls=%c, {bwd}
+  ROOT %input_add_reduce_fusion = f32[16384]{{0}} fusion(%x), kind=kInput, calls=%r
+  %loop_broadcast_fusion.18 = (bf16[22,8,2048,5632]{{3,2,1,0}}) fusion(), kind=kLoop, calls=%f
+"""
+    table = profile_step.op_table(hlo)
+    assert table == {
+        "custom-call.4": ("bwd", "gemm"),
+        "dot_product_attention_fwd.4": ("fwd", "attention"),
+        "gemm_fusion_dot_general.1": ("bwd", "gemm"),
+        "input_add_reduce_fusion": ("fwd", "reduction fusion"),
+        "loop_broadcast_fusion.18": ("fwd", "elementwise fusion"),
+    }
+    by_name = profile_step.phase_kind(table, "loop_dynamic_update_slice_fusion.46")
+    assert by_name == ("?", "dynamic slice/update")
+    assert profile_step.phase_kind(table, "loop_add_fusion.3") == ("?", "elementwise fusion")

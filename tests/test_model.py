@@ -140,11 +140,21 @@ def test_param_count_formula():
 
 def test_scan_and_unrolled_agree():
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)))
-    scanned = Llama(CFG, rngs=nnx.Rngs(1))
+    scanned = Llama(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(1))
     unrolled = Llama(dataclasses.replace(CFG, scan_layers=False), rngs=nnx.Rngs(1))
     remat = Llama(dataclasses.replace(CFG, remat="full"), rngs=nnx.Rngs(1))
     np.testing.assert_allclose(scanned(ids), unrolled(ids), atol=1e-5)
     np.testing.assert_allclose(scanned(ids), remat(ids), atol=1e-5)
+
+
+def test_scan_layers_default_loops_on_gpu_only(monkeypatch):
+    """scan_layers=None: lax.scan on CPU, a Python loop when the backend is a GPU."""
+    model = Llama(CFG, rngs=nnx.Rngs(1))
+    ids = jnp.zeros((1, 4), jnp.int32)
+    scans = lambda: "scan" in str(jax.make_jaxpr(lambda x: model(x))(ids))  # noqa: E731
+    assert CFG.scan_layers is None and scans()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not scans()
 
 
 def test_packed_segments_do_not_see_each_other():

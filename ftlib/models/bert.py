@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ftlib.errors import FtlibError
-from ftlib.models.layers import DEFAULT_INIT, Linear, param, stacked
+from ftlib.models.layers import DEFAULT_INIT, Linear, param, scans_layers, stacked
 from ftlib.models.llama import REMAT_POLICIES
 
 POOLINGS = ("cls", "mean")
@@ -43,7 +43,7 @@ class BertConfig:
     attention_dropout: float = 0.1  # attention probabilities
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    scan_layers: bool = True
+    scan_layers: bool | None = None  # as LlamaConfig's
     scan_unroll: int = 1
     remat: str = "none"  # one of llama.REMAT_POLICIES
 
@@ -299,7 +299,7 @@ class BertClassifier(nnx.Module):
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
         xs = (state, keys, prefix_kv)
-        if self.cfg.scan_layers:
+        if scans_layers(self.cfg.scan_layers):
             return jax.lax.scan(body, h, xs, unroll=self.cfg.scan_unroll)[0]
         for i in range(L):
             h = body(h, jax.tree.map(lambda x: x[i], xs))[0]

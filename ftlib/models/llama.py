@@ -16,7 +16,7 @@ from flax import nnx, struct
 
 from ftlib.errors import FtlibError
 from ftlib.models.attention import IMPLS, attention, causal_attention
-from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_tables
+from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_tables, scans_layers
 
 REMAT_POLICIES = {
     "none": None,
@@ -40,7 +40,8 @@ class LlamaConfig:
     attention_bias: bool = False  # Qwen2-style q/k/v biases
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    scan_layers: bool = True  # lax.scan over blocks (False: a Python loop, same params)
+    # lax.scan over blocks; False: a Python loop, same params; None: by backend (scans_layers)
+    scan_layers: bool | None = None
     scan_unroll: int = 1  # layers per scan iteration (more: faster steps, longer compile)
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "auto"  # causal self-attention kernel: ftlib.models.attention.IMPLS
@@ -314,7 +315,7 @@ class Llama(nnx.Module):
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy)
-        if self.cfg.scan_layers:
+        if scans_layers(self.cfg.scan_layers):
             return jax.lax.scan(body, h, (state, keys, buffers), unroll=self.cfg.scan_unroll)
         outs = []
         for i in range(L):
