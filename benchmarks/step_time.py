@@ -141,6 +141,7 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     import numpy as np
 
     from ftlib.models.attention import resolve_impl
+    from ftlib.models.layers import scans_layers
 
     gpu = jax.default_backend() == "gpu"
     if gpu and dtype == "float32":
@@ -179,6 +180,7 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     )
     device = jax.devices()[0]
     record.update(dtype=dtype, attention=resolve_impl(attention, dtype, w.seq, cfg.head_dim, True))
+    record.update(layers="scan" if scans_layers(cfg.scan_layers) else "loop")
     if gpu:
         peak_mb = device.memory_stats()["peak_bytes_in_use"] / 2**20
         record.update(_gpu_fields(device.device_kind, dtype, record, peak_mb))
