@@ -83,7 +83,7 @@ def _kind(name: str, opcode: str, rest: str) -> str:
 def phase_kind(table: dict, op: str) -> tuple[str, str]:
     """An op's (phase, kind); ops the printed HLO lacks (renamed by late passes, such as
     the ones a GPU trace names) get phase '?' and their kind from their name."""
-    return table.get(op) or ("?", _kind(op, "fusion" if "fusion" in op else op, ""))
+    return table.get(op) or ("?", _kind(op, "fusion", "") if "fusion" in op else "unknown")
 
 
 def _union_ns(intervals) -> int:

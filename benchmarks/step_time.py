@@ -11,7 +11,9 @@ GFLOP/s and the GEMM peak measured in the same process (a jitted fp32 matmul of
 the model's largest shape). With --vs=hf (needs `pip install -e .[hf]`: torch
 CPU, peft) each ftlib run is followed by the same work in HF LlamaForCausalLM +
 peft.get_peft_model + torch.optim.AdamW on the same batches, in its own process,
-and the ftlib/HF step-time ratio is printed per workload and mode.
+and the ftlib/HF step-time ratio is printed per workload and mode. ftlib's process
+restarts itself with glibc's huge-page tunable as its CLIs do (ftlib.hugepages);
+HF's runs as launched: set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to give it both.
 
 On a GPU both stacks run there. --dtype=bfloat16 is mixed precision in both: fp32
 params and optimizer, bf16 matmuls (ftlib: model.dtype; HF: torch.autocast). fp32
@@ -22,6 +24,7 @@ datasheet rate (bf16 or fp32, GPU_PEAK_TFLOPS).
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import subprocess
@@ -287,6 +290,8 @@ def _record(stack, workload, mode, times, total, trainable, flops, gemm_peak) ->
         # for any implementation of the same math on this machine.
         "gemm_bound_step_s": flops / gemm_peak / 1e9,
         "step_times_s": times,
+        # ftlib's CLIs set glibc.malloc.hugetlb=1 (ftlib.hugepages); HF runs as launched.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -343,6 +348,9 @@ def main():
     if args.run:
         stack, workload, mode, dtype, attention = args.run
         if stack == "ftlib":
+            from ftlib import hugepages
+
+            hugepages.restart_with_hugepages()  # as ftlib's CLIs do
             print(json.dumps(run_one(workload, mode, dtype, attention)))
         else:
             print(json.dumps(run_hf(workload, mode, dtype)))

@@ -4,7 +4,7 @@ import sys
 
 from absl import app, flags, logging
 
-from ftlib import distributed
+from ftlib import distributed, hugepages
 from ftlib.errors import FtlibError
 
 
@@ -18,7 +18,9 @@ def _parse_flags(argv):
 
 def run(main):
     """app.run(main) where an FtlibError or a bad flag ends the program with one
-    line on stderr, no traceback."""
+    line on stderr, no traceback. First the process restarts itself with huge pages
+    for malloc where that helps (ftlib.hugepages)."""
+    hugepages.restart_with_hugepages()
 
     def guarded(argv):
         if len(argv) > 1:
