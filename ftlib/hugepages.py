@@ -5,8 +5,9 @@ XLA's CPU runtime allocates every step's large temporaries fresh; glibc serves e
 with a new mmap, and the kernel then zero-fills it one 4 KiB page fault at a time
 (llama-tiny LoRA: ~92,000 faults, ~360 MB per step). With the tunable, malloc asks
 for 2 MiB pages (madvise MADV_HUGEPAGE), 512x fewer faults, for the same peak RSS;
-the first step pays ~1.5 s once for the kernel's first huge pages (benchmarks/README.md). glibc reads tunables only when a process starts,
-so the setting needs a restart (exec: same PID, same arguments). A user's own
+the first step pays ~1.5 s once for the kernel's first huge pages (measured in
+benchmarks/README.md). glibc reads tunables only when a process starts, so the
+setting needs a restart (exec: same PID, same arguments). A user's own
 `glibc.malloc.hugetlb` in GLIBC_TUNABLES wins: `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
 turns this off. Notebooks and other embedders set the variable before starting Python.
 """
