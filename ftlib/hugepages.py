@@ -47,7 +47,10 @@ def hugepage_env(environ, libc: str, thp_mode: str) -> dict | None:
 
 def restart_with_hugepages() -> None:
     """Re-exec this process with the tunable set, when `hugepage_env` says so; else
-    return. Call it first thing in a CLI, before anything is worth losing."""
+    return. Call it first thing in a CLI, before anything is worth losing. An
+    interactive session or a program read from stdin ('' or '-') cannot be rerun."""
+    if sys.argv[0] in ("", "-"):
+        return
     env = hugepage_env(os.environ, platform.libc_ver()[0], _thp_mode())
     if env is None:
         return

@@ -44,3 +44,15 @@ def test_restart_keeps_arguments_and_sets_the_tunable(monkeypatch):
         [sys.executable, "-c", code, "x"], capture_output=True, text=True, env=dict(os.environ)
     )
     assert out.stdout.strip() == "glibc.malloc.hugetlb=1 ['x']", out.stderr
+
+
+def test_no_restart_of_a_program_read_from_stdin(monkeypatch):
+    """`python - < prog.py` would find stdin empty after an exec: it is left alone."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    code = (
+        "import os; from ftlib import hugepages; "
+        "hugepages.hugepage_env = lambda env, libc, mode: dict(env, GLIBC_TUNABLES='x'); "
+        "hugepages.restart_with_hugepages(); print(os.environ.get('GLIBC_TUNABLES'))\n"
+    )
+    out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True)
+    assert out.stdout.strip() == "None", out.stderr
