@@ -182,8 +182,11 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
         "ftlib", workload, mode, times, mask.count(), mask.count(True), flops, gemm_peak
     )
     device = jax.devices()[0]
-    record.update(dtype=dtype, attention=resolve_impl(attention, dtype, w.seq, cfg.head_dim, True))
-    record.update(layers="scan" if scans_layers(cfg.scan_layers) else "loop")
+    record.update(
+        dtype=dtype,
+        attention=resolve_impl(attention, dtype, w.seq, cfg.head_dim, True),
+        layers="scan" if scans_layers(cfg.scan_layers) else "loop",
+    )
     if gpu:
         peak_mb = device.memory_stats()["peak_bytes_in_use"] / 2**20
         record.update(_gpu_fields(device.device_kind, dtype, record, peak_mb))
