@@ -58,6 +58,24 @@ def _one_query_block():
     return _patched(attention, "query_blocks", lambda T, target=128: 1)
 
 
+@contextlib.contextmanager
+def _autodiff_norm_mlp():
+    """RMSNorm and SwiGLU differentiated by autodiff (more saved activations)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ftlib.models import layers, llama
+
+    def rms_norm(x, scale, eps):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+    with _patched(layers, "rms_norm", rms_norm):
+        with _patched(llama, "swiglu", lambda g, u: jax.nn.silu(g) * u):
+            yield
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -65,6 +83,7 @@ VARIANTS = {
     "layer_scan": lambda: _config_override(scan_layers=True),
     "unroll2": lambda: _config_override(scan_unroll=2),
     "one_query_block": _one_query_block,
+    "autodiff_norm_mlp": _autodiff_norm_mlp,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

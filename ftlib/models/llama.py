@@ -16,7 +16,15 @@ from flax import nnx, struct
 
 from ftlib.errors import FtlibError
 from ftlib.models.attention import IMPLS, attention, causal_attention
-from ftlib.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_tables, scans_layers
+from ftlib.models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    rope_tables,
+    scans_layers,
+    swiglu,
+)
 
 REMAT_POLICIES = {
     "none": None,
@@ -134,7 +142,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD, rng=None):
         keys = _split(rng, 3)
-        h = jax.nn.silu(self.gate_proj(x_BTD, rng=keys[0])) * self.up_proj(x_BTD, rng=keys[1])
+        h = swiglu(self.gate_proj(x_BTD, rng=keys[0]), self.up_proj(x_BTD, rng=keys[1]))
         return self.down_proj(h, rng=keys[2])
 
 
