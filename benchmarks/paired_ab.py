@@ -89,6 +89,9 @@ VARIANTS = {
 COMPILER_OPTIONS = {
     "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
     "no_command_buffer": {"xla_gpu_enable_command_buffer": ""},
+    "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},  # CPU: Eigen dots, not YNNPACK's
+    "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},  # CPU: older loop emitters
+    "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
 }
 
 

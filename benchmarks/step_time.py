@@ -2,6 +2,7 @@
 
   python benchmarks/step_time.py --vs=hf --out=benchmarks/step_time.json
   python benchmarks/step_time.py --workloads=llama-tiny --modes=lora --out=/tmp/t.json
+  python benchmarks/step_time.py --vs=hf --workloads=llama-tiny --rounds=3  # median ratio
   python benchmarks/step_time.py --workloads=llama-1b --dtype=bfloat16 --vs=hf  # on a GPU
 
 Each (workload, mode) runs in a fresh process: 3 warm-up steps, then 10 timed
@@ -11,7 +12,9 @@ GFLOP/s and the GEMM peak measured in the same process (a jitted fp32 matmul of
 the model's largest shape). With --vs=hf (needs `pip install -e .[hf]`: torch
 CPU, peft) each ftlib run is followed by the same work in HF LlamaForCausalLM +
 peft.get_peft_model + torch.optim.AdamW on the same batches, in its own process,
-and the ftlib/HF step-time ratio is printed per workload and mode. ftlib's process
+and the ftlib/HF step-time ratio is printed per workload and mode. --rounds=N
+repeats each pair N times (order swapped every other round; each record names its
+round) and also prints the median of the N ratios. ftlib's process
 restarts itself with glibc's huge-page tunable as its CLIs do (ftlib.hugepages);
 HF's runs as launched: set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to give it both.
 
@@ -27,6 +30,7 @@ import json
 import os
 import pathlib
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -346,6 +350,9 @@ def main():
     parser.add_argument("--attention", default="auto", help="ftlib's model.attention")
     parser.add_argument("--vs", choices=("", "hf"), default="", help="also run HF PEFT")
     parser.add_argument("--out", default="", help="JSON file, rewritten after every run")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="pairs of processes per row (--vs=hf: median ratio)"
+    )
     parser.add_argument("--run", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
@@ -362,23 +369,33 @@ def main():
     records = []
     for workload in args.workloads.split(","):
         for mode in args.modes.split(","):
-            # Alternate the stacks so machine noise hits both alike.
-            pair = {}
-            for stack in stacks:
-                record = _run_in_subprocess(stack, workload, mode, args.dtype, args.attention)
-                if record is None:
-                    continue
-                pair[stack] = record
-                records.append(record)
-                _print(record)
-                if args.out:
-                    pathlib.Path(args.out).write_text(json.dumps(records, indent=2))
-            if len(pair) == 2:
-                hf_s = pair["hf-peft"]["median_step_s"]
+            ratios = []
+            for round_ in range(args.rounds):
+                # Alternate the stacks, first one then the other, so noise hits both alike.
+                pair = {}
+                for stack in stacks[:: -1 if round_ % 2 else 1]:
+                    record = _run_in_subprocess(stack, workload, mode, args.dtype, args.attention)
+                    if record is None:
+                        continue
+                    pair[stack] = record | {"round": round_}
+                    records.append(pair[stack])
+                    _print(record)
+                    if args.out:
+                        pathlib.Path(args.out).write_text(json.dumps(records, indent=2))
+                if len(pair) == 2:
+                    hf_s = pair["hf-peft"]["median_step_s"]
+                    ratios.append(pair["ftlib"]["median_step_s"] / hf_s)
+                    print(
+                        f"ratio ftlib/hf-peft {workload} {mode}: {ratios[-1]:.2f} "
+                        f"(floor at ftlib's GEMM peak: "
+                        f"{pair['ftlib']['gemm_bound_step_s'] / hf_s:.2f})",
+                        flush=True,
+                    )
+            if len(ratios) > 1:
                 print(
-                    f"ratio ftlib/hf-peft {workload} {mode}: "
-                    f"{pair['ftlib']['median_step_s'] / hf_s:.2f} "
-                    f"(floor at ftlib's GEMM peak: {pair['ftlib']['gemm_bound_step_s'] / hf_s:.2f})",
+                    f"median ratio ftlib/hf-peft {workload} {mode} over {len(ratios)} rounds: "
+                    f"{statistics.median(ratios):.2f} "
+                    f"(min {min(ratios):.2f}, max {max(ratios):.2f})",
                     flush=True,
                 )
 

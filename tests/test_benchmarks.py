@@ -1,6 +1,7 @@
 """The step-time benchmark's workloads are the ones the performance issue fixes; the
 paired A/B's variants patch the step's build and undo it."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -39,10 +40,14 @@ def test_model_flops_counts_weight_gradients_only_for_trainable_matmuls():
 def test_paired_ab_variants_change_the_build_and_restore_it():
     import paired_ab
 
-    from ftlib.models import attention
+    from ftlib.models import attention, layers, llama
     from ftlib.models.llama import Llama
 
-    plain = Llama.output_projection  # variants must not leak into later tests
+    plain, norm, swiglu = (
+        Llama.output_projection,
+        layers.rms_norm,
+        llama.swiglu,
+    )  # variants must not leak into later tests
     with paired_ab.VARIANTS["plain_head"]():
         assert Llama.output_projection(object()) is None
     with paired_ab.VARIANTS["one_query_block"]():
@@ -51,11 +56,36 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         assert step_time.llama_config("llama-tiny").scan_layers is False
     with paired_ab.VARIANTS["layer_scan"]():
         assert step_time.llama_config("llama-1b", "bfloat16").scan_layers is True
+    with paired_ab.VARIANTS["autodiff_norm_mlp"]():
+        assert layers.rms_norm is not norm and llama.swiglu is not swiglu
+    assert layers.rms_norm is norm and llama.swiglu is swiglu
     assert (
         attention.query_blocks(256) == 2
         and step_time.llama_config("llama-tiny").scan_layers is None
     )
     assert Llama.output_projection is plain
+
+
+def test_rounds_alternate_the_stacks_and_report_the_median_ratio(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    hf_step_s = iter([2.0, 4.0, 1.0])  # ftlib's step takes 1 s in every round
+
+    def fake_run(stack, workload, mode, dtype, attention):
+        calls.append(stack)
+        step_s = 1.0 if stack == "ftlib" else next(hf_step_s)
+        return {"median_step_s": step_s, "gemm_bound_step_s": 0.5}
+
+    monkeypatch.setattr(step_time, "_run_in_subprocess", fake_run)
+    monkeypatch.setattr(step_time, "_print", lambda record: None)
+    out = tmp_path / "records.json"
+    argv = ["step_time.py", "--vs=hf", "--workloads=llama-tiny", "--modes=lora", "--rounds=3"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"--out={out}"])
+    step_time.main()
+    assert calls == ["ftlib", "hf-peft", "hf-peft", "ftlib", "ftlib", "hf-peft"]
+    assert "over 3 rounds: 0.50 (min 0.25, max 1.00)" in capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [r["round"] for r in records] == [0, 0, 1, 1, 2, 2]
 
 
 def test_llama_1b_is_tinyllama_shaped():
