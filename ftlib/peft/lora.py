@@ -83,18 +83,20 @@ def _lora_product_fwd(scale, x_TD, a_RD, b_RO):
 
 
 def _lora_product_bwd(scale, res, g_TO):
-    """Autodiff would contract the big [tokens, d] operands over their leading
-    dim, and XLA then transposes them in memory (on CPU a slow strided copy of
-    the incoming gradient per projection). Here only the rank-r factors are
-    transposed; the barrier keeps XLA from folding that transpose back into
-    the dot."""
+    """dA and dB contract the token dim of a rank-r operand and a big one directly.
+    An earlier version transposed the rank-r factors first (behind an optimization
+    barrier, so XLA would not move the transpose onto the big operand); with
+    today's XLA:CPU the direct contraction is faster: paired step-time ratios 0.948
+    and 0.970 (llama-tiny LoRA), 0.968 and 0.996 (llama-small LoRA),
+    benchmarks/README.md."""
     x_TD, a_RD, b_RO, xa_TR = res
     x_ND, g_NO = x_TD.reshape(-1, x_TD.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
     xa_NR = xa_TR.reshape(-1, xa_TR.shape[-1])
     dxa_NR = jnp.dot(g_NO, b_RO.T) * scale
-    xa_RN, dxa_RN = jax.lax.optimization_barrier((xa_NR.T, dxa_NR.T))
     dx_TD = jnp.dot(dxa_NR, a_RD).reshape(x_TD.shape)
-    return dx_TD, jnp.dot(dxa_RN, x_ND), jnp.dot(xa_RN, g_NO)
+    over_tokens = (((0,), (0,)), ((), ()))
+    da_RD = jax.lax.dot_general(dxa_NR, x_ND, over_tokens)
+    return dx_TD, da_RD, jax.lax.dot_general(xa_NR, g_NO, over_tokens)
 
 
 lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
