@@ -43,11 +43,8 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     from ftlib.models import attention, layers, llama
     from ftlib.models.llama import Llama
 
-    plain, norm, swiglu = (
-        Llama.output_projection,
-        layers.rms_norm,
-        llama.swiglu,
-    )  # variants must not leak into later tests
+    # Variants must not leak into later tests.
+    plain, norm, swiglu = Llama.output_projection, layers.rms_norm, llama.swiglu
     with paired_ab.VARIANTS["plain_head"]():
         assert Llama.output_projection(object()) is None
     with paired_ab.VARIANTS["one_query_block"]():
