@@ -69,6 +69,14 @@ def _autodiff_norm_mlp():
             yield
 
 
+def _frozen_bf16():
+    """The frozen base stored in bf16 (`model.frozen_dtype`), not cast from fp32 each step."""
+    from ftlib import steps
+
+    init = steps.init_train_state
+    return _patched(steps, "init_train_state", lambda m, mask, tx: init(m, mask, tx, "bfloat16"))
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -77,11 +85,14 @@ VARIANTS = {
     "unroll2": lambda: _config_override(scan_unroll=2),
     "one_query_block": _one_query_block,
     "autodiff_norm_mlp": _autodiff_norm_mlp,
+    "frozen_bf16": _frozen_bf16,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {
     "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
     "no_command_buffer": {"xla_gpu_enable_command_buffer": ""},
+    # GPU: merge products that share an input (q/k/v, gate/up) up to 4 GB, not 32 MB.
+    "dot_merger": {"xla_gpu_dot_merger_threshold_mb": 4096},
     "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},  # CPU: Eigen dots, not YNNPACK's
     "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},  # CPU: older loop emitters
     "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
