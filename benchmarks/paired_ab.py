@@ -77,6 +77,14 @@ def _frozen_bf16():
     return _patched(steps, "init_train_state", lambda m, mask, tx: init(m, mask, tx, "bfloat16"))
 
 
+def _fused_grads():
+    """No barrier after the gradients: XLA fuses a stacked param's per-layer gradient
+    concatenation into the norm reductions and the optimizer update."""
+    from ftlib import steps
+
+    return _patched(steps, "materialized", lambda grads: grads)
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -86,6 +94,7 @@ VARIANTS = {
     "one_query_block": _one_query_block,
     "autodiff_norm_mlp": _autodiff_norm_mlp,
     "frozen_bf16": _frozen_bf16,
+    "fused_grads": _fused_grads,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {
