@@ -105,6 +105,12 @@ COMPILER_OPTIONS = {
     "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},  # CPU: Eigen dots, not YNNPACK's
     "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},  # CPU: older loop emitters
     "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
+    # LLVM's optimization level for the generated kernels (XLA's default: 3), and its
+    # expensive passes off: compile time against step time.
+    "llvm_o0": {"xla_backend_optimization_level": 0},
+    "llvm_o1": {"xla_backend_optimization_level": 1},
+    "llvm_o2": {"xla_backend_optimization_level": 2},
+    "llvm_cheap": {"xla_llvm_disable_expensive_passes": True},
 }
 
 
