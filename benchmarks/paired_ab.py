@@ -85,6 +85,15 @@ def _fused_grads():
     return _patched(steps, "materialized", lambda grads: grads)
 
 
+def _adapter_in_product():
+    """LoRA's adapter inside the base product: lora_in_product.py."""
+    import lora_in_product
+
+    from ftlib.peft.lora import LoRALinear
+
+    return _patched(LoRALinear, "__call__", lora_in_product.lora_call)
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -95,6 +104,7 @@ VARIANTS = {
     "autodiff_norm_mlp": _autodiff_norm_mlp,
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
+    "adapter_in_product": _adapter_in_product,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

@@ -40,8 +40,10 @@ def test_model_flops_counts_weight_gradients_only_for_trainable_matmuls():
 def test_paired_ab_variants_change_the_build_and_restore_it():
     import paired_ab
 
+    from ftlib import steps
     from ftlib.models import attention, layers, llama
     from ftlib.models.llama import Llama
+    from ftlib.peft.lora import LoRALinear
 
     # Variants must not leak into later tests.
     plain, norm, swiglu = Llama.output_projection, layers.rms_norm, llama.swiglu
@@ -56,6 +58,16 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     with paired_ab.VARIANTS["autodiff_norm_mlp"]():
         assert layers.rms_norm is not norm and llama.swiglu is not swiglu
     assert layers.rms_norm is norm and llama.swiglu is swiglu
+    patched = {
+        "frozen_bf16": (steps, "init_train_state"),
+        "fused_grads": (steps, "materialized"),
+        "adapter_in_product": (LoRALinear, "__call__"),
+    }
+    for name, (owner, attr) in patched.items():
+        before = getattr(owner, attr)
+        with paired_ab.VARIANTS[name]():
+            assert getattr(owner, attr) is not before, name
+        assert getattr(owner, attr) is before, name
     assert (
         attention.query_blocks(256) == 2
         and step_time.llama_config("llama-tiny").scan_layers is None
@@ -120,3 +132,28 @@ def test_profile_kinds_from_gpu_hlo():
     by_name = profile_step.phase_kind(table, "loop_dynamic_update_slice_fusion.46")
     assert by_name == ("?", "dynamic slice/update")
     assert profile_step.phase_kind(table, "loop_add_fusion.3") == ("?", "elementwise fusion")
+
+
+def test_adapter_in_product_matches_lora_values_and_gradients():
+    """paired_ab's `adapter_in_product` experiment computes LoRA's y and its gradients."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from lora_in_product import adapter_in_product
+
+    from ftlib.peft.lora import lora_product
+
+    rng = np.random.default_rng(0)
+    x, w, a, b = (
+        jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 6, 5), (5, 7), (3, 5), (3, 7)]
+    )
+    g = jnp.asarray(rng.normal(size=(2, 6, 7)), jnp.float32)
+
+    def two_products(x, w, a, b):
+        return jnp.dot(x, w) + lora_product(2.0, x, a, b)
+
+    y_ref, vjp_ref = jax.vjp(two_products, x, w, a, b)
+    y, vjp = jax.vjp(lambda *args: adapter_in_product(2.0, *args), x, w, a, b)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
