@@ -3,7 +3,7 @@
 # call: profile_step.py traces of full and LoRA (command buffers off, so that every
 # kernel is attributed to its HLO op; the optimized HLO beside), then paired_ab.py
 # variants in one process per mode (defaults: the open questions, FULL_VARIANTS and
-# LORA_VARIANTS override them). On an H100 the whole script takes about 5 minutes.
+# LORA_VARIANTS override them).
 # Results go to $OUT (default /tmp/ftlib-gpu). Run from the repo root:
 #   bash benchmarks/gpu_profile.sh
 # Setup (wheels, $OUT, versions): gpu_env.sh.

@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_OVER_TOKENS = (((0,), (0,)), ((), ()))
+from ftlib.peft.lora import OVER_TOKENS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -38,9 +38,9 @@ def _bwd(scale, res, g_TO):
     dxc_NK = jnp.dot(g_NO, wb_KO.T)  # [g W^T | g B^T] in one product
     dxa_NR = dxc_NK[:, D:] * scale
     dx_TD = (dxc_NK[:, :D] + jnp.dot(dxa_NR, a_RD)).reshape(x_TD.shape)
-    da_RD = jax.lax.dot_general(dxa_NR, x_ND, _OVER_TOKENS)
-    db_RO = jax.lax.dot_general(xa_TR.reshape(-1, xa_TR.shape[-1]), g_NO, _OVER_TOKENS)
-    dw_DO = jax.lax.dot_general(x_ND, g_NO, _OVER_TOKENS)  # dropped by XLA when W is frozen
+    da_RD = jax.lax.dot_general(dxa_NR, x_ND, OVER_TOKENS)
+    db_RO = jax.lax.dot_general(xa_TR.reshape(-1, xa_TR.shape[-1]), g_NO, OVER_TOKENS)
+    dw_DO = jax.lax.dot_general(x_ND, g_NO, OVER_TOKENS)  # dropped by XLA when W is frozen
     return dx_TD, dw_DO, da_RD, db_RO
 
 

@@ -71,6 +71,10 @@ class LoRALinear(nnx.Module):
         return kernel - self.delta_kernel(), bias
 
 
+# dot_general dimension numbers contracting two [tokens, ...] operands over tokens.
+OVER_TOKENS = (((0,), (0,)), ((), ()))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def lora_product(scale: float, x_TD, a_RD, b_RO):
     """scale * x A^T B, with the rank-r intermediate scaled (one small multiply)."""
@@ -94,9 +98,8 @@ def _lora_product_bwd(scale, res, g_TO):
     xa_NR = xa_TR.reshape(-1, xa_TR.shape[-1])
     dxa_NR = jnp.dot(g_NO, b_RO.T) * scale
     dx_TD = jnp.dot(dxa_NR, a_RD).reshape(x_TD.shape)
-    over_tokens = (((0,), (0,)), ((), ()))
-    da_RD = jax.lax.dot_general(dxa_NR, x_ND, over_tokens)
-    return dx_TD, da_RD, jax.lax.dot_general(xa_NR, g_NO, over_tokens)
+    da_RD = jax.lax.dot_general(dxa_NR, x_ND, OVER_TOKENS)
+    return dx_TD, da_RD, jax.lax.dot_general(xa_NR, g_NO, OVER_TOKENS)
 
 
 lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
