@@ -85,6 +85,16 @@ def _fused_grads():
     return _patched(steps, "materialized", lambda grads: grads)
 
 
+def _argmax_accuracy():
+    """Token accuracy from jnp.argmax (a variadic value + index reduction) in the fused head."""
+    import jax.numpy as jnp
+
+    from ftlib import linear_cross_entropy as lce
+
+    argmax_is = lambda logits_NV, max_N, target_N: jnp.argmax(logits_NV, -1) == target_N  # noqa: E731
+    return _patched(lce, "is_first_max", argmax_is)
+
+
 def _adapter_in_product():
     """LoRA's adapter inside the base product: lora_in_product.py."""
     import lora_in_product
@@ -105,6 +115,7 @@ VARIANTS = {
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
     "adapter_in_product": _adapter_in_product,
+    "argmax_accuracy": _argmax_accuracy,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

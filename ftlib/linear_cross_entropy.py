@@ -54,6 +54,21 @@ def linear_cross_entropy(h_BTD, w, targets_BT, weight_BT, *, vocab_major=False, 
     return _fused(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT.astype(jnp.float32))
 
 
+def is_first_max(logits_NV, max_N, target_N):
+    """argmax(logits, -1) == target (ties go to the first index, as argmax's do),
+    without argmax's variadic (value, index) reduction: XLA:CPU runs that as a scalar
+    loop, 2x the time of the whole max + exp + sum pass over a [256, 32000] block
+    (benchmarks/README.md). sign(logit - max) is 0 at a maximum and -1 elsewhere, so
+    iota - V * sign is a maximum's own index and >= V elsewhere; its min is the first
+    maximum's index. Plain float ops and a min: XLA vectorizes them (YNNPACK on CPU)."""
+    V = logits_NV.shape[-1]
+    if V >= 2**23:  # the float32 keys would no longer be exact integers
+        return jnp.argmax(logits_NV, axis=-1) == target_N
+    index_V = jnp.arange(V, dtype=jnp.float32)
+    key_NV = index_V - V * jnp.sign(logits_NV - max_N[..., None])
+    return jnp.min(key_NV, axis=-1) == target_N.astype(jnp.float32)
+
+
 def _blocks(x_BT, t):
     """[B, T, ...] -> [T // t, B, t, ...]: the scan runs over blocks of positions."""
     B, T = x_BT.shape[:2]
@@ -83,7 +98,7 @@ def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_
         gold_N = jnp.take_along_axis(logits_NV, tgt_N[:, None], axis=-1)[:, 0]
         sums = (
             jnp.sum((max_N + jnp.log(sum_N) - gold_N) * wt_N),
-            jnp.sum((jnp.argmax(logits_NV, axis=-1) == tgt_N) * wt_N),
+            jnp.sum(is_first_max(logits_NV, max_N, tgt_N) * wt_N),
         )
         dh = None
         if need_dh or need_dw:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from ftlib.linear_cross_entropy import linear_cross_entropy
+from ftlib.linear_cross_entropy import is_first_max, linear_cross_entropy
 
 OBJECTIVES = ("causal_lm", "sequence_classification")
 
@@ -75,7 +75,8 @@ def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0
         logits_BTV = model.logits(h_BTD).astype(jnp.float32)
         nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
         nll = jnp.sum(nll_BT * w_BT)
-        correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * w_BT)
+        max_BT = jnp.max(logits_BTV, axis=-1)
+        correct = jnp.sum(is_first_max(logits_BTV, max_BT, targets_BT) * w_BT)
     return {"nll": nll, "correct": correct, "tokens": jnp.sum(w_BT)}
 
 

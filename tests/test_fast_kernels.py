@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from ftlib.linear_cross_entropy import linear_cross_entropy
+from ftlib.linear_cross_entropy import is_first_max, linear_cross_entropy
 from ftlib.models.attention import (
     attention,
     causal_attention,
@@ -191,6 +191,22 @@ def test_linear_cross_entropy_matches_head_then_loss(vocab_major, T):
     assert correct == correct_ref
     np.testing.assert_allclose(dh, dh_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_is_first_max_agrees_with_argmax_on_ties():
+    """Accuracy counts argmax == target; ties go to the first maximum, as argmax's do
+    (an all-equal row, e.g. a zero-initialised head, is right only for target 0)."""
+    V = 7
+    logits = np.random.default_rng(0).normal(size=(6, V)).astype(np.float32)
+    logits[1] = 0.0  # all tied
+    logits[2, [1, 4]] = 9.0  # two maxima: the first (1) is argmax, 4 is not
+    logits[3, [1, 4]] = 9.0
+    logits[4, :3] = -np.inf  # masked entries
+    targets = np.array([int(np.argmax(logits[0])), 0, 1, 4, 5, 3])
+    for t in range(V):  # every target, so both outcomes are checked on every row
+        targets_t = (targets + t) % V
+        got = is_first_max(jnp.asarray(logits), jnp.max(logits, -1), jnp.asarray(targets_t))
+        np.testing.assert_array_equal(got, np.argmax(logits, -1) == targets_t)
 
 
 def test_linear_cross_entropy_frozen_head_skips_the_weight_gradient():
