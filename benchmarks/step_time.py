@@ -127,13 +127,21 @@ def llama_config(workload: str, dtype: str = "float32", attention: str = "auto")
     )
 
 
-def batches(workload: str, n: int) -> list[dict]:
-    """The issue's data as ftlib batches: ids from numpy default_rng(1234).integers(0,
-    vocab, (n, batch, seq)), one packed segment per row, next-token loss on all tokens."""
+def token_ids(workload: str, n: int):
+    """The issue's data: numpy default_rng(1234).integers(0, vocab, (n, batch, seq))."""
     import numpy as np
 
     vocab, *_, batch, seq = WORKLOADS[workload]
-    ids = np.random.default_rng(1234).integers(0, vocab, (n, batch, seq)).astype(np.int32)
+    return np.random.default_rng(1234).integers(0, vocab, (n, batch, seq))
+
+
+def batches(workload: str, n: int) -> list[dict]:
+    """token_ids as ftlib batches: one packed segment per row, next-token loss on all
+    tokens."""
+    import numpy as np
+
+    *_, batch, seq = WORKLOADS[workload]
+    ids = token_ids(workload, n).astype(np.int32)
     ones = np.ones((batch, seq), np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
     return [
@@ -207,17 +215,17 @@ def _gpu_fields(kind: str, dtype: str, record: dict, peak_mem_mb: float) -> dict
     }
 
 
-def run_hf(workload: str, mode: str, dtype: str) -> dict:
-    """The same steps in HF transformers (PyTorch; CUDA when there is a GPU) + peft."""
+def hf_setup(workload: str, mode: str, dtype: str):
+    """HF transformers (PyTorch; CUDA when there is a GPU) + peft, as the benchmark
+    runs it -> (step(ids_BT): one synchronised AdamW step on a numpy batch, model,
+    trainable params, device)."""
     import contextlib
 
-    import numpy as np
     import torch
     import transformers
 
     w = WORKLOADS[workload]
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=w.vocab,
@@ -234,7 +242,6 @@ def run_hf(workload: str, mode: str, dtype: str) -> dict:
     )
     with device:  # initialised where it trains: a 1B init on the CPU takes a minute
         model = transformers.LlamaForCausalLM(cfg)
-    total = sum(p.numel() for p in model.parameters())
     if mode == "lora":
         import peft
 
@@ -242,33 +249,46 @@ def run_hf(workload: str, mode: str, dtype: str) -> dict:
             r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS)
         )
         model = peft.get_peft_model(model, lora)
-        total = sum(p.numel() for p in model.parameters())
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    ids = np.random.default_rng(1234).integers(0, w.vocab, (WARMUP + TIMED, w.batch, w.seq))
     bf16 = dtype == "bfloat16"
-    times = []
-    for i in range(WARMUP + TIMED):
-        x = torch.from_numpy(ids[i]).to(device)
-        start = time.perf_counter()
+
+    def step(ids_BT):
+        x = torch.from_numpy(ids_BT).to(device)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         loss.item()
+
+    return step, model, trainable, device
+
+
+def run_hf(workload: str, mode: str, dtype: str) -> dict:
+    """The same steps in HF transformers + peft (hf_setup)."""
+    import torch
+
+    w = WORKLOADS[workload]
+    step, model, trainable, device = hf_setup(workload, mode, dtype)
+    times = []
+    for ids_BT in token_ids(workload, WARMUP + TIMED):
+        start = time.perf_counter()
+        step(ids_BT)
         times.append(time.perf_counter() - start)
+    total = sum(p.numel() for p in model.parameters())
     # The embedding's gradient is a scatter, not a matmul; lm_head's is a matmul.
     trainable_matmul = sum(p.numel() for p in trainable if p.dim() == 2) - (
         w.vocab * w.hidden if mode == "full" else 0
     )
     flops = model_flops(w, trainable_matmul)
     trainable_count = sum(p.numel() for p in trainable)
+    bf16 = dtype == "bfloat16"
     gemm_peak = _torch_gemm_peak(w, torch.bfloat16 if bf16 else torch.float32, device)
     record = _record("hf-peft", workload, mode, times, total, trainable_count, flops, gemm_peak)
     record.update(dtype=dtype, torch_threads=torch.get_num_threads())
-    if gpu:
+    if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
         record.update(_gpu_fields(torch.cuda.get_device_name(), dtype, record, peak_mb))
     return record

@@ -97,6 +97,47 @@ def test_rounds_alternate_the_stacks_and_report_the_median_ratio(tmp_path, monke
     assert [r["round"] for r in records] == [0, 0, 1, 1, 2, 2]
 
 
+def test_vs_hf_paired_alternates_steps_in_one_process(tmp_path, monkeypatch):
+    """Both stacks' steps alternate round by round (order swapped every other round);
+    the reported ratio is the median of per-round ftlib / HF times, warm-up excluded."""
+    import types
+
+    import vs_hf_paired
+
+    from ftlib import hugepages
+
+    clock, calls = [0.0], []
+    hf_s = iter([9.0] * step_time.WARMUP + [2.0, 4.0, 1.0])  # ftlib: 1 s in every round
+
+    def ftlib_step(state, frozen, batch):
+        calls.append(("ftlib", batch))
+        clock[0] += 1.0
+        return state, {"loss": types.SimpleNamespace(block_until_ready=lambda: None)}
+
+    def hf_step(ids):
+        calls.append(("hf", ids))
+        clock[0] += next(hf_s)
+
+    monkeypatch.setattr(hugepages, "restart_with_hugepages", lambda: None)
+    monkeypatch.setattr(step_time, "llama_config", lambda workload: None)
+    monkeypatch.setattr(step_time, "train_setup", lambda cfg, mode, n: (ftlib_step, 0, 0, 0))
+    monkeypatch.setattr(step_time, "hf_setup", lambda *a: (hf_step, None, None, None))
+    monkeypatch.setattr(step_time, "batches", lambda workload, n: list(range(n)))
+    monkeypatch.setattr(step_time, "token_ids", lambda workload, n: list(range(n)))
+    monkeypatch.setattr(vs_hf_paired.time, "perf_counter", lambda: clock[0])
+    out = tmp_path / "paired.json"
+    monkeypatch.setattr(sys, "argv", ["vs_hf_paired.py", "--rounds=3", f"--out={out}"])
+    vs_hf_paired.main()
+    n = step_time.WARMUP + 3
+    expected = []
+    for i in range(n):
+        expected += [("ftlib", i), ("hf", i)][:: -1 if i % 2 else 1]
+    assert calls == expected
+    record = json.loads(out.read_text())
+    assert record["paired_ratio_median"] == 0.5  # rounds 1/2, 1/4, 1/1
+    assert record["hf_median_step_s"] == 2.0 and record["ftlib_median_step_s"] == 1.0
+
+
 def test_llama_1b_is_tinyllama_shaped():
     """The GPU workload: TinyLlama-1.1B's parameter count (HF's count in the H200 run),
     and GQA's smaller k/v projections in the FLOP count."""
