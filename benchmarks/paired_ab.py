@@ -125,6 +125,9 @@ COMPILER_OPTIONS = {
     "dot_merger": {"xla_gpu_dot_merger_threshold_mb": 4096},
     "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},  # CPU: Eigen dots, not YNNPACK's
     "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},  # CPU: older loop emitters
+    "ynn_no_individual_dots": {  # CPU: YNNPACK for elementwise and reduction fusions only
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
+    },
     "vector_width_512": {"xla_cpu_prefer_vector_width": 512},  # CPU: AVX-512 in XLA's own loops
     "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
     # LLVM's optimization level for the generated kernels (XLA's default: 3), and its

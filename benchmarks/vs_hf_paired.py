@@ -11,10 +11,17 @@ of each, the order swapped every other round, so a slow spell slows both. Report
 each stack's median step seconds and the median (and quartiles) of the per-round
 ratios ftlib / HF. Both stacks get glibc's huge-page tunable (ftlib's CLIs set it);
 peak memory and compile time are step_time.py's business, not this script's.
+
+torch's OpenMP threads spin-wait after each parallel region, on the same two cores
+XLA's threads then need: with that default, ftlib's steps here took 0.754 s against
+0.623 s with OMP_WAIT_POLICY=PASSIVE (llama-tiny full, 12 rounds each), and HF's
+0.637 against 0.587 s. So this script sets PASSIVE unless the environment says
+otherwise.
 """
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -32,6 +39,7 @@ def main():
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts OpenMP
     from ftlib import hugepages
 
     hugepages.restart_with_hugepages()
@@ -62,6 +70,7 @@ def main():
         "workload": args.workload,
         "mode": args.mode,
         "rounds": args.rounds,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "ftlib_median_step_s": float(np.median(ftlib_s)),
         "hf_median_step_s": float(np.median(hf_s)),
         "paired_ratio_median": float(np.median(ratios)),
