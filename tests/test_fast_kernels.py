@@ -89,6 +89,21 @@ def test_query_blocks_divide_the_sequence():
         assert T % query_blocks(T) == 0
 
 
+def test_bf16_matmuls_accumulate_in_float32_on_cpu():
+    """XLA:CPU gives bf16 x bf16 products its fast kernels only with a float32 result
+    (layers.dot): Linear's forward and both backward products must ask for one, and
+    still return bf16."""
+    x, w = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16)
+    assert matmul(x, w).dtype == jnp.bfloat16
+
+    def loss(x, w):
+        return matmul(x, w).astype(jnp.float32).sum()
+
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    results = [line.rsplit("->", 1)[-1] for line in hlo.splitlines() if "dot_general" in line]
+    assert len(results) == 3 and all("xf32>" in r for r in results), results
+
+
 def test_matmul_gradients_match_autodiff():
     keys = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(keys[0], (3, 5, 16))

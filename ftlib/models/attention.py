@@ -172,10 +172,16 @@ def _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
     for i in range(n):
         q_i = q_BKRH[:, :, i * rows * G : (i + 1) * rows * G]
         end = (i + 1) * rows
-        s = jnp.einsum("bkrh,bksh->bkrs", q_i, k_BKTH[:, :, :end]).astype(jnp.float32)
+        # float32 results: XLA:CPU's fast bf16 kernels need them (layers.dot)
+        s = jnp.einsum(
+            "bkrh,bksh->bkrs", q_i, k_BKTH[:, :, :end], preferred_element_type=jnp.float32
+        )
         s = jnp.where(_block_mask(mask_BTT, i, rows, G), s, NEG_INF)
         p = jax.nn.softmax(s, axis=-1).astype(v_BKTH.dtype)
-        outs.append(jnp.einsum("bkrs,bksh->bkrh", p, v_BKTH[:, :, :end]))
+        o_i = jnp.einsum(
+            "bkrs,bksh->bkrh", p, v_BKTH[:, :, :end], preferred_element_type=jnp.float32
+        )
+        outs.append(o_i.astype(v_BKTH.dtype))
         probs.append(p)
     o_BKRH = jnp.concatenate(outs, axis=2)
     out = o_BKRH.reshape(B, -1, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
@@ -198,9 +204,14 @@ def _causal_bwd(n, res, dout_BTNH):
         end = (i + 1) * rows
         do_i, q_i = do_BKRH[:, :, r], q_BKRH[:, :, r]
         dv_i = jnp.einsum("bkrs,bkrh->bksh", p, do_i, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkrh,bksh->bkrs", do_i, v_BKTH[:, :, :end]).astype(jnp.float32)
+        dp = jnp.einsum(
+            "bkrh,bksh->bkrs", do_i, v_BKTH[:, :, :end], preferred_element_type=jnp.float32
+        )
         ds = (p.astype(jnp.float32) * (dp - delta_BKR[:, :, r, None])).astype(q_i.dtype)
-        dqs.append(jnp.einsum("bkrs,bksh->bkrh", ds, k_BKTH[:, :, :end]))
+        dq_i = jnp.einsum(
+            "bkrs,bksh->bkrh", ds, k_BKTH[:, :, :end], preferred_element_type=jnp.float32
+        )
+        dqs.append(dq_i.astype(q_i.dtype))
         dk_i = jnp.einsum("bkrs,bkrh->bksh", ds, q_i, preferred_element_type=jnp.float32)
         dk = dk.at[:, :, :end].add(dk_i)
         dv = dv.at[:, :, :end].add(dv_i)

@@ -75,14 +75,26 @@ class Linear(nnx.Module):
         return y
 
 
+def dot(a, b):
+    """jnp.dot(a, b) in the inputs' dtype. On CPU, half-precision products accumulate
+    into a float32 result that is cast after: XLA:CPU gives bf16 x bf16 products its
+    fast kernels (YNNPACK: AVX-512-BF16, AMX) only with a float32 result; with a bf16
+    result they run in Eigen at 3-4x the time (a 2-vCPU Xeon: 212 against 805 GFLOP/s
+    at [2048, 512] x [512, 1376], benchmarks/README.md). Accelerators keep jnp.dot,
+    whose GEMMs accumulate in float32 anyway."""
+    if jax.default_backend() == "cpu" and jnp.result_type(a, b) != jnp.float32:
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.result_type(a, b))
+    return jnp.dot(a, b)
+
+
 @jax.custom_vjp
 def matmul(x_TI, w_IO):
     """x @ w over the last dim of x, with a backward that XLA compiles well on CPU."""
-    return jnp.dot(x_TI, w_IO)
+    return dot(x_TI, w_IO)
 
 
 def _matmul_fwd(x_TI, w_IO):
-    return jnp.dot(x_TI, w_IO), (x_TI, w_IO)
+    return dot(x_TI, w_IO), (x_TI, w_IO)
 
 
 def _matmul_bwd(res, g_TO):
@@ -94,7 +106,7 @@ def _matmul_bwd(res, g_TO):
     x_TI, w_IO = res
     x_NI, g_NO = x_TI.reshape(-1, x_TI.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
     x_IN = jax.lax.optimization_barrier(x_NI.T)
-    return jnp.dot(g_TO, w_IO.T), jnp.dot(x_IN, g_NO)
+    return dot(g_TO, w_IO.T), dot(x_IN, g_NO)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -185,7 +197,7 @@ class Embed(nnx.Module):
 
     def attend(self, h_BTD):
         """Tied output projection: logits over the vocabulary."""
-        return jnp.dot(h_BTD.astype(self.dtype), self.embedding[...].T.astype(self.dtype))
+        return dot(h_BTD.astype(self.dtype), self.embedding[...].T.astype(self.dtype))
 
 
 def rope_tables(positions_BT, head_dim: int, theta: float):
