@@ -58,6 +58,24 @@ def _one_query_block():
     return _patched(attention, "query_blocks", lambda T, target=128: 1)
 
 
+def _select_mask():
+    """Causal attention's scores masked with a select (jnp.where), not an added bias."""
+    import jax.numpy as jnp
+
+    from ftlib.models import attention
+
+    select = lambda s, keep: jnp.where(keep, s, attention.NEG_INF)  # noqa: E731
+    return _patched(attention, "mask_scores", select)
+
+
+def _query_rows(rows: int):
+    """Causal attention's query blocks of about `rows` rows instead of 128."""
+    from ftlib.models import attention
+
+    blocks = attention.query_blocks
+    return _patched(attention, "query_blocks", lambda T, target=128: blocks(T, rows))
+
+
 @contextlib.contextmanager
 def _autodiff_norm_mlp():
     """RMSNorm and SwiGLU differentiated by autodiff (more saved activations): their
@@ -111,6 +129,9 @@ VARIANTS = {
     "layer_scan": lambda: _config_override(scan_layers=True),
     "unroll2": lambda: _config_override(scan_unroll=2),
     "one_query_block": _one_query_block,
+    "select_mask": _select_mask,
+    "query_rows_64": lambda: _query_rows(64),
+    "query_rows_256": lambda: _query_rows(256),
     "autodiff_norm_mlp": _autodiff_norm_mlp,
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,

@@ -159,6 +159,14 @@ def _block_mask(mask_BTT, i, rows, G):
     return jnp.repeat(m_BtS, G, axis=1)[:, None]
 
 
+def mask_scores(s, keep):
+    """Scores where `keep`, NEG_INF elsewhere, as s + bias: XLA:CPU fuses an add (not a
+    select) into YNNPACK's fusion of the score product and softmax, which saves a
+    pass over the scores per block (benchmarks/README.md). The barrier keeps XLA from
+    folding the bias's select back into the add."""
+    return s + jax.lax.optimization_barrier(jnp.where(keep, 0.0, NEG_INF))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _causal(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
     return _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)[0]
@@ -176,7 +184,7 @@ def _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
         s = jnp.einsum(
             "bkrh,bksh->bkrs", q_i, k_BKTH[:, :, :end], preferred_element_type=jnp.float32
         )
-        s = jnp.where(_block_mask(mask_BTT, i, rows, G), s, NEG_INF)
+        s = mask_scores(s, _block_mask(mask_BTT, i, rows, G))
         p = jax.nn.softmax(s, axis=-1).astype(v_BKTH.dtype)
         o_i = jnp.einsum(
             "bkrs,bksh->bkrh", p, v_BKTH[:, :, :end], preferred_element_type=jnp.float32
