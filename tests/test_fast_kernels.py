@@ -91,17 +91,31 @@ def test_query_blocks_divide_the_sequence():
 
 def test_bf16_matmuls_accumulate_in_float32_on_cpu():
     """XLA:CPU gives bf16 x bf16 products its fast kernels only with a float32 result
-    (layers.dot): Linear's forward and both backward products must ask for one, and
-    still return bf16."""
+    (layers.dot): Linear's and the LoRA product's forward and backward products must
+    ask for one, and still return bf16."""
     x, w = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16)
     assert matmul(x, w).dtype == jnp.bfloat16
 
     def loss(x, w):
         return matmul(x, w).astype(jnp.float32).sum()
 
-    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    assert _dot_results(jax.value_and_grad(loss, argnums=(0, 1)), x, w, count=3)
+
+    a, b = jnp.ones((2, 8), jnp.bfloat16), jnp.ones((2, 16), jnp.bfloat16)  # LoRA, rank 2
+
+    def lora_loss(x, a, b):
+        return lora_product(2.0, x, a, b).astype(jnp.float32).sum()
+
+    assert lora_product(2.0, x, a, b).dtype == jnp.bfloat16
+    assert _dot_results(jax.value_and_grad(lora_loss, argnums=(0, 1, 2)), x, a, b, count=6)
+
+
+def _dot_results(fn, *args, count):
+    """Whether the `count` products in fn's lowering all have float32 results."""
+    hlo = jax.jit(fn).lower(*args).as_text()
     results = [line.rsplit("->", 1)[-1] for line in hlo.splitlines() if "dot_general" in line]
-    assert len(results) == 3 and all("xf32>" in r for r in results), results
+    assert len(results) == count, results
+    return all("xf32>" in r for r in results)
 
 
 def test_matmul_gradients_match_autodiff():

@@ -82,9 +82,17 @@ def dot(a, b):
     result they run in Eigen at 3-4x the time (a 2-vCPU Xeon: 212 against 805 GFLOP/s
     at [2048, 512] x [512, 1376], benchmarks/README.md). Accelerators keep jnp.dot,
     whose GEMMs accumulate in float32 anyway."""
-    if jax.default_backend() == "cpu" and jnp.result_type(a, b) != jnp.float32:
-        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.result_type(a, b))
-    return jnp.dot(a, b)
+    out_dtype = jnp.result_type(a, b)
+    return jnp.dot(a, b, preferred_element_type=accumulation_dtype(a, b)).astype(out_dtype)
+
+
+def accumulation_dtype(*operands):
+    """The preferred_element_type of a product of these operands, as `dot` picks it:
+    float32 on CPU when they are bf16 or fp16, else None (their own dtype)."""
+    half = jnp.result_type(*operands) in (jnp.bfloat16, jnp.float16)
+    if half and jax.default_backend() == "cpu":
+        return jnp.float32
+    return None
 
 
 @jax.custom_vjp

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftlib.models.layers import Linear, param
+from ftlib.models.layers import Linear, accumulation_dtype, dot, param
 from ftlib.peft.surgery import replace_modules
 
 
@@ -82,8 +82,10 @@ def lora_product(scale: float, x_TD, a_RD, b_RO):
 
 
 def _lora_product_fwd(scale, x_TD, a_RD, b_RO):
-    xa_TR = jnp.einsum("...d,rd->...r", x_TD, a_RD) * scale
-    return jnp.dot(xa_TR, b_RO), (x_TD, a_RD, b_RO, xa_TR)
+    acc = accumulation_dtype(x_TD, a_RD)
+    xa_TR = jnp.einsum("...d,rd->...r", x_TD, a_RD, preferred_element_type=acc)
+    xa_TR = xa_TR.astype(x_TD.dtype) * scale
+    return dot(xa_TR, b_RO), (x_TD, a_RD, b_RO, xa_TR)
 
 
 def _lora_product_bwd(scale, res, g_TO):
@@ -96,10 +98,12 @@ def _lora_product_bwd(scale, res, g_TO):
     x_TD, a_RD, b_RO, xa_TR = res
     x_ND, g_NO = x_TD.reshape(-1, x_TD.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
     xa_NR = xa_TR.reshape(-1, xa_TR.shape[-1])
-    dxa_NR = jnp.dot(g_NO, b_RO.T) * scale
-    dx_TD = jnp.dot(dxa_NR, a_RD).reshape(x_TD.shape)
-    da_RD = jax.lax.dot_general(dxa_NR, x_ND, OVER_TOKENS)
-    return dx_TD, da_RD, jax.lax.dot_general(xa_NR, g_NO, OVER_TOKENS)
+    dxa_NR = dot(g_NO, b_RO.T) * scale
+    dx_TD = dot(dxa_NR, a_RD).reshape(x_TD.shape)
+    acc = accumulation_dtype(x_ND, g_NO)
+    da_RD = jax.lax.dot_general(dxa_NR, x_ND, OVER_TOKENS, preferred_element_type=acc)
+    db_RO = jax.lax.dot_general(xa_NR, g_NO, OVER_TOKENS, preferred_element_type=acc)
+    return dx_TD, da_RD.astype(a_RD.dtype), db_RO.astype(b_RO.dtype)
 
 
 lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
