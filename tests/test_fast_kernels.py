@@ -91,8 +91,8 @@ def test_query_blocks_divide_the_sequence():
 
 def test_bf16_matmuls_accumulate_in_float32_on_cpu():
     """XLA:CPU gives bf16 x bf16 products its fast kernels only with a float32 result
-    (layers.dot): Linear's and the LoRA product's forward and backward products must
-    ask for one, and still return bf16."""
+    (layers.dot): Linear's and the LoRA product's forward and backward products, and
+    the plain attention's, must ask for one, and still return bf16."""
     x, w = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16)
     assert matmul(x, w).dtype == jnp.bfloat16
 
@@ -108,6 +108,11 @@ def test_bf16_matmuls_accumulate_in_float32_on_cpu():
 
     assert lora_product(2.0, x, a, b).dtype == jnp.bfloat16
     assert _dot_results(jax.value_and_grad(lora_loss, argnums=(0, 1, 2)), x, a, b, count=6)
+
+    q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)  # the plain attention of decoding
+    mask = jnp.ones((1, 4, 4), bool)
+    assert attention(q, q, q, mask).dtype == jnp.bfloat16
+    assert _dot_results(lambda q: attention(q, q, q, mask), q, count=2)
 
 
 def _dot_results(fn, *args, count):

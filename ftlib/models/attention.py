@@ -22,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ftlib.models.layers import accumulation_dtype
+
 NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
 
 
@@ -31,10 +33,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) * (H**-0.5)
+    acc = accumulation_dtype(q_BTNH, k_BSKH)  # float32 results for XLA:CPU's bf16 kernels
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=acc)
+    scores = scores * (H**-0.5)
     scores = jnp.where(mask_BTS[:, None, None], scores.astype(jnp.float32), NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=acc)
+    out_BTKGH = out_BTKGH.astype(v_BSKH.dtype)
     return out_BTKGH.reshape(B, T, N, H)
 
 

@@ -21,7 +21,14 @@ import numpy as np
 from flax import nnx
 
 from ftlib.errors import FtlibError
-from ftlib.models.layers import DEFAULT_INIT, Linear, param, scans_layers, stacked
+from ftlib.models.layers import (
+    DEFAULT_INIT,
+    Linear,
+    accumulation_dtype,
+    param,
+    scans_layers,
+    stacked,
+)
 from ftlib.models.llama import REMAT_POLICIES
 
 POOLINGS = ("cls", "mean")
@@ -186,12 +193,15 @@ class Attention(nnx.Module):
             k_BPNH, v_BPNH = (jnp.broadcast_to(x.astype(k.dtype), (B, *x.shape)) for x in prefix_kv)
             k, v = jnp.concatenate([k_BPNH, k], 1), jnp.concatenate([v_BPNH, v], 1)
             mask_BS = jnp.concatenate([jnp.ones((B, k_BPNH.shape[1]), bool), mask_BS], 1)
-        scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q, k) * ((D // N) ** -0.5)
+        acc = accumulation_dtype(q, k)  # float32 results for XLA:CPU's bf16 kernels
+        scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=acc)
+        scores_BNTS = scores_BNTS * ((D // N) ** -0.5)
         # Finite fill: an all-padding filler row gets uniform weights instead of NaNs.
         scores_BNTS = jnp.where(mask_BS[:, None, None], scores_BNTS.astype(jnp.float32), -1e30)
         probs = jax.nn.softmax(scores_BNTS, axis=-1).astype(v.dtype)
         probs = dropout(probs, self.attention_dropout, keys[3])
-        out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs, v)
+        out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=acc)
+        out_BTNH = out_BTNH.astype(v.dtype)
         return self.output(out_BTNH.reshape(B, T, D), rng=keys[4])
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ftlib.errors import FtlibError
-from ftlib.models.layers import Linear, param
+from ftlib.models.layers import Linear, dot, param
 from ftlib.peft.surgery import replace_modules
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
@@ -48,11 +47,9 @@ class AdapterLinear(nnx.Module):
     def __call__(self, x, rng=None):
         h = self.base(x, rng=rng)
         dt = self.base.dtype
-        z = jnp.dot(h, self.adapter_down[...].astype(dt)) + self.adapter_down_bias[...].astype(dt)
+        z = dot(h, self.adapter_down[...].astype(dt)) + self.adapter_down_bias[...].astype(dt)
         z = ACTIVATIONS[self.activation](z)
-        return (
-            h + jnp.dot(z, self.adapter_up[...].astype(dt)) + self.adapter_up_bias[...].astype(dt)
-        )
+        return h + dot(z, self.adapter_up[...].astype(dt)) + self.adapter_up_bias[...].astype(dt)
 
 
 PLACEMENTS = ("houlsby", "pfeiffer")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftlib.models.layers import Linear
+from ftlib.models.layers import Linear, dot
 from ftlib.peft import lora
 from ftlib.peft.surgery import replace_modules
 
@@ -50,7 +50,7 @@ class DoRALinear(lora.LoRALinear):
         if x_drop is x:  # no dropout: reuse the base output (minus its bias) as x W
             xw = y if self.base.bias is None else y - self.base.bias[...].astype(dt)
         else:  # PEFT: with dropout the rescaled base term sees the dropped-out input too
-            xw = jnp.dot(x_drop.astype(dt), self.base.kernel[...].astype(dt))
+            xw = dot(x_drop.astype(dt), self.base.kernel[...].astype(dt))
         mag = self._magnitude_scale().astype(dt)
         return y + (mag - 1) * xw + mag * self.lora_path(x_drop)
 
