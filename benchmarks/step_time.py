@@ -11,7 +11,7 @@ compile seconds (first step - median), peak RSS, model FLOPs per step, achieved
 GFLOP/s and the GEMM peak measured in the same process (a jitted fp32 matmul of
 the model's largest shape). With --vs=hf (needs `pip install -e .[hf]`: torch
 CPU, peft) each ftlib run is followed by the same work in HF LlamaForCausalLM +
-peft.get_peft_model + torch.optim.AdamW on the same batches, in its own process,
+peft.get_peft_model + torch.optim.AdamW (hf_peft.py) on the same batches, in its own process,
 and the ftlib/HF step-time ratio is printed per workload and mode. --rounds=N
 repeats each pair N times (order swapped every other round; each record names its
 round) and also prints the median of the N ratios. ftlib's process
@@ -192,7 +192,7 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
         if mask.trainable[p] and not p.endswith(("scale", "bias", "embedding"))
     )
     flops = model_flops(w, trainable_matmul)
-    record = _record(
+    record = make_record(
         "ftlib", workload, mode, times, mask.count(), mask.count(True), flops, gemm_peak
     )
     device = jax.devices()[0]
@@ -203,11 +203,11 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     )
     if gpu:
         peak_mb = device.memory_stats()["peak_bytes_in_use"] / 2**20
-        record.update(_gpu_fields(device.device_kind, dtype, record, peak_mb))
+        record.update(gpu_fields(device.device_kind, dtype, record, peak_mb))
     return record
 
 
-def _gpu_fields(kind: str, dtype: str, record: dict, peak_mem_mb: float) -> dict:
+def gpu_fields(kind: str, dtype: str, record: dict, peak_mem_mb: float) -> dict:
     peak = GPU_PEAK_TFLOPS.get(kind, {}).get(dtype)
     return {
         "device": kind,
@@ -217,86 +217,7 @@ def _gpu_fields(kind: str, dtype: str, record: dict, peak_mem_mb: float) -> dict
     }
 
 
-def hf_setup(workload: str, mode: str, dtype: str):
-    """HF transformers (PyTorch; CUDA when there is a GPU) + peft, as the benchmark
-    runs it -> (step(ids_BT): one synchronised AdamW step on a numpy batch, model,
-    trainable params, device)."""
-    import contextlib
-
-    import torch
-    import transformers
-
-    w = WORKLOADS[workload]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=w.vocab,
-        hidden_size=w.hidden,
-        intermediate_size=w.intermediate,
-        num_hidden_layers=w.layers,
-        num_attention_heads=w.heads,
-        num_key_value_heads=w.kv_heads,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        initializer_range=0.02,
-    )
-    with device:  # initialised where it trains: a 1B init on the CPU takes a minute
-        model = transformers.LlamaForCausalLM(cfg)
-    if mode == "lora":
-        import peft
-
-        lora = peft.LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS)
-        )
-        model = peft.get_peft_model(model, lora)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    bf16 = dtype == "bfloat16"
-
-    def step(ids_BT):
-        x = torch.from_numpy(ids_BT).to(device)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        loss.item()
-
-    return step, model, trainable, device
-
-
-def run_hf(workload: str, mode: str, dtype: str) -> dict:
-    """The same steps in HF transformers + peft (hf_setup)."""
-    import torch
-
-    w = WORKLOADS[workload]
-    step, model, trainable, device = hf_setup(workload, mode, dtype)
-    times = []
-    for ids_BT in token_ids(workload, WARMUP + TIMED):
-        start = time.perf_counter()
-        step(ids_BT)
-        times.append(time.perf_counter() - start)
-    total = sum(p.numel() for p in model.parameters())
-    # The embedding's gradient is a scatter, not a matmul; lm_head's is a matmul.
-    trainable_matmul = sum(p.numel() for p in trainable if p.dim() == 2) - (
-        w.vocab * w.hidden if mode == "full" else 0
-    )
-    flops = model_flops(w, trainable_matmul)
-    trainable_count = sum(p.numel() for p in trainable)
-    bf16 = dtype == "bfloat16"
-    gemm_peak = _torch_gemm_peak(w, torch.bfloat16 if bf16 else torch.float32, device)
-    record = _record("hf-peft", workload, mode, times, total, trainable_count, flops, gemm_peak)
-    record.update(dtype=dtype, torch_threads=torch.get_num_threads())
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        record.update(_gpu_fields(torch.cuda.get_device_name(), dtype, record, peak_mb))
-    return record
-
-
-def _record(stack, workload, mode, times, total, trainable, flops, gemm_peak) -> dict:
+def make_record(stack, workload, mode, times, total, trainable, flops, gemm_peak) -> dict:
     """One JSON record; the first `WARMUP` step times are excluded from the median."""
     import numpy as np
 
@@ -322,22 +243,6 @@ def _record(stack, workload, mode, times, total, trainable, flops, gemm_peak) ->
         # ftlib's CLIs set glibc.malloc.hugetlb=1 (ftlib.hugepages); HF runs as launched.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
-
-
-def _torch_gemm_peak(w: Workload, dtype, device) -> float:
-    import numpy as np
-    import torch
-
-    big = max([(w.hidden, w.intermediate), (w.hidden, w.vocab)], key=lambda s: s[0] * s[1])
-    x = torch.randn(w.batch * w.seq, big[0], dtype=dtype, device=device)
-    y = torch.randn(big, dtype=dtype, device=device)
-    (x @ y).sum().item()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        (x @ y)[0, 0].item()  # synchronises on a GPU
-        times.append(time.perf_counter() - start)
-    return 2 * w.batch * w.seq * big[0] * big[1] / float(np.median(times)) / 1e9
 
 
 def _run_in_subprocess(stack: str, workload: str, mode: str, dtype: str, attention: str):
@@ -385,7 +290,9 @@ def main():
             hugepages.restart_with_hugepages()  # as ftlib's CLIs do
             print(json.dumps(run_one(workload, mode, dtype, attention)))
         else:
-            print(json.dumps(run_hf(workload, mode, dtype)))
+            import hf_peft  # noqa: PLC0415 - torch only in HF's processes
+
+            print(json.dumps(hf_peft.run(workload, mode, dtype)))
         return
     stacks = ("ftlib", "hf-peft") if args.vs == "hf" else ("ftlib",)
     records = []

@@ -6,7 +6,7 @@ step_time.py --vs=hf runs each stack in its own fresh process, as the performanc
 issue's protocol says. On a shared VM whose speed drifts by 30% within a minute
 (benchmarks/README.md), those process pairs give ratios anywhere from 0.67 to 1.20
 for the same code. Here both stacks are built in one process (step_time.train_setup
-and step_time.hf_setup: same model, data, optimizer), then every round runs one step
+and hf_peft.setup: same model, data, optimizer), then every round runs one step
 of each, the order swapped every other round, so a slow spell slows both. Reported:
 each stack's median step seconds and the median (and quartiles) of the per-round
 ratios ftlib / HF. Both stacks get glibc's huge-page tunable (ftlib's CLIs set it);
@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import hf_peft  # noqa: E402
 import step_time  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main():
     cfg = step_time.llama_config(args.workload)
     ftlib_step, state, frozen, _ = step_time.train_setup(cfg, args.mode, n)
     batches = step_time.batches(args.workload, n)
-    hf_step, *_ = step_time.hf_setup(args.workload, args.mode, "float32")
+    hf_step, *_ = hf_peft.setup(args.workload, args.mode, "float32")
     ids = step_time.token_ids(args.workload, n)
 
     def run_ftlib(i):

@@ -102,6 +102,7 @@ def test_vs_hf_paired_alternates_steps_in_one_process(tmp_path, monkeypatch):
     the reported ratio is the median of per-round ftlib / HF times, warm-up excluded."""
     import types
 
+    import hf_peft
     import vs_hf_paired
 
     from ftlib import hugepages
@@ -121,7 +122,7 @@ def test_vs_hf_paired_alternates_steps_in_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(hugepages, "restart_with_hugepages", lambda: None)
     monkeypatch.setattr(step_time, "llama_config", lambda workload: None)
     monkeypatch.setattr(step_time, "train_setup", lambda cfg, mode, n: (ftlib_step, 0, 0, 0))
-    monkeypatch.setattr(step_time, "hf_setup", lambda *a: (hf_step, None, None, None))
+    monkeypatch.setattr(hf_peft, "setup", lambda *a: (hf_step, None, None, None))
     monkeypatch.setattr(step_time, "batches", lambda workload, n: list(range(n)))
     monkeypatch.setattr(step_time, "token_ids", lambda workload, n: list(range(n)))
     monkeypatch.setattr(vs_hf_paired.time, "perf_counter", lambda: clock[0])
