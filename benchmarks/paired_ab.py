@@ -113,6 +113,41 @@ def _argmax_accuracy():
     return _patched(lce, "is_first_max", argmax_is)
 
 
+def _head_rows(rows: int):
+    """The fused LM head's blocks of about `rows` logits rows (block_rows' fit)."""
+    from ftlib import linear_cross_entropy as lce
+
+    return _patched(lce, "block_rows", lambda D: rows)
+
+
+def _dw_contract_tokens():
+    """matmul's weight gradient contracts x and g over tokens in one dot_general, with
+    no explicit transpose of x behind a barrier."""
+    import jax
+
+    from ftlib.models import layers
+
+    def bwd(res, g_TO):
+        x_TI, w_IO = res
+        x_NI, g_NO = x_TI.reshape(-1, x_TI.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
+        dw = jax.lax.dot_general(x_NI, g_NO, (((0,), (0,)), ((), ())))
+        return layers.dot(g_TO, w_IO.T), dw
+
+    matmul = jax.custom_vjp(layers.matmul.fun)
+    matmul.defvjp(layers._matmul_fwd, bwd)
+    return _patched(layers, "matmul", matmul)
+
+
+def _recompute_probs():
+    """Blocked attention saves log-sum-exps and recomputes probabilities in the backward:
+    attention_recompute.py."""
+    import attention_recompute
+
+    from ftlib.models import attention
+
+    return _patched(attention, "_causal", attention_recompute.causal)
+
+
 def _adapter_in_product():
     """LoRA's adapter inside the base product: lora_in_product.py."""
     import lora_in_product
@@ -136,6 +171,10 @@ VARIANTS = {
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
     "adapter_in_product": _adapter_in_product,
+    "head_rows_128": lambda: _head_rows(128),
+    "head_rows_512": lambda: _head_rows(512),
+    "dw_contract_tokens": _dw_contract_tokens,
+    "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
@@ -148,6 +187,19 @@ COMPILER_OPTIONS = {
     "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},  # CPU: older loop emitters
     "ynn_no_individual_dots": {  # CPU: YNNPACK for elementwise and reduction fusions only
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
+    },
+    # CPU: products as oneDNN fusions (XLA's oneDNN runtime, built into jaxlib), not
+    # YNNPACK's; YNNPACK off, or kept for elementwise and reduction fusions. (The fusion
+    # type LIBRARY_FUSION_TYPE_DOT aborts the process: "partition compile failed".)
+    "onednn_dots": {
+        "xla_cpu_use_onednn": True,
+        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+        "xla_cpu_experimental_ynn_fusion_type": "",
+    },
+    "onednn_dots_ynn_rest": {
+        "xla_cpu_use_onednn": True,
+        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
     },
     "vector_width_512": {"xla_cpu_prefer_vector_width": 512},  # CPU: AVX-512 in XLA's own loops
     "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},

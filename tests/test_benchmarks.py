@@ -40,7 +40,7 @@ def test_model_flops_counts_weight_gradients_only_for_trainable_matmuls():
 def test_paired_ab_variants_change_the_build_and_restore_it():
     import paired_ab
 
-    from ftlib import steps
+    from ftlib import linear_cross_entropy, steps
     from ftlib.models import attention, layers, llama
     from ftlib.models.llama import Llama
     from ftlib.peft.lora import LoRALinear
@@ -62,6 +62,9 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "frozen_bf16": (steps, "init_train_state"),
         "fused_grads": (steps, "materialized"),
         "adapter_in_product": (LoRALinear, "__call__"),
+        "recompute_probs": (attention, "_causal"),
+        "head_rows_512": (linear_cross_entropy, "block_rows"),
+        "dw_contract_tokens": (layers, "matmul"),
     }
     for name, (owner, attr) in patched.items():
         before = getattr(owner, attr)
@@ -199,3 +202,27 @@ def test_adapter_in_product_matches_lora_values_and_gradients():
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_recompute_matches_the_saved_probabilities_path():
+    """paired_ab's `recompute_probs` experiment gives `_causal`'s outputs and gradients
+    (GQA, a padding mask on top of the causal one, 4 query blocks)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from attention_recompute import causal
+
+    from ftlib.models import attention
+
+    rng = np.random.default_rng(0)
+    B, T, N, K, H = 2, 32, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32) for _ in range(2))
+    lengths = np.array([T, 20])
+    mask = np.tril(np.ones((T, T), bool))[None] & (np.arange(T) < lengths[:, None])[:, None]
+    g = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    out_ref, vjp_ref = jax.vjp(lambda *a: attention._causal(4, *a, jnp.asarray(mask)), q, k, v)
+    out, vjp = jax.vjp(lambda *a: causal(4, *a, jnp.asarray(mask)), q, k, v)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
