@@ -8,9 +8,10 @@ mean time per step of every compiled op (fusions, dots, library calls), marked
 fwd or bwd from its metadata, plus totals per phase and kind (gemm, attention,
 elementwise or reduction fusion, copy, ...; read from the optimized HLO). On CPU
 the times are the thunks' and ops that ran concurrently add up to more than the
-step's wall time. On a GPU they are the kernels' (summed per HLO op), and the
-GPU's busy time and the traced span per step are printed too: span - busy is
-time the GPU sat idle (launch gaps, host syncs). With --out the table is JSON;
+step's wall time. On a GPU they are the kernels' (summed per HLO op). The busy
+time (some op running, on any thread or stream) and the traced span per step are
+printed too: span - busy is time the device sat idle (launch gaps, host syncs,
+runtime work between thunks). With --out the table is JSON;
 with --trace_out the raw trace (.xplane.pb) is copied there.
 """
 
@@ -124,14 +125,14 @@ def summarize(trace_dir: str, table: dict, steps: int) -> dict:
                     calls[op] += 1
                     phase, kind = phase_kind(table, op)
                     per_kind[f"{phase} {kind}"] += ms
-                    if device_planes:
-                        intervals.append((event.start_ns, event.end_ns))
+                    intervals.append((event.start_ns, event.end_ns))
     out = {"per_kind": dict(per_kind.most_common()), "per_op": per_op}
     out["calls_per_step"] = {op: n / steps for op, n in calls.items()}
-    if intervals:  # kernels of a GPU
-        out["gpu_busy_ms_per_step"] = _union_ns(intervals) / 1e6 / steps
+    if intervals:  # a GPU's kernels, or the CPU thunks of all threads
+        where = "gpu" if device_planes else "cpu"
+        out[f"{where}_busy_ms_per_step"] = _union_ns(intervals) / 1e6 / steps
         span = max(e for _, e in intervals) - min(s for s, _ in intervals)
-        out["gpu_span_ms_per_step"] = span / 1e6 / steps
+        out[f"{where}_span_ms_per_step"] = span / 1e6 / steps
     return out
 
 
@@ -178,11 +179,12 @@ def main():
     summary = summarize(trace_dir, table, TRACED_STEPS)
     title = f"{args.workload} {args.mode} {args.dtype}: op time per step (ms)"
     print(f"{title}, {TRACED_STEPS} steps traced")
-    if "gpu_busy_ms_per_step" in summary:
-        print(
-            f"  GPU busy {summary['gpu_busy_ms_per_step']:.1f} ms of a "
-            f"{summary['gpu_span_ms_per_step']:.1f} ms span per step"
-        )
+    for where in ("gpu", "cpu"):
+        if f"{where}_busy_ms_per_step" in summary:
+            print(
+                f"  {where.upper()} busy (some op running) {summary[f'{where}_busy_ms_per_step']:.1f}"
+                f" ms of a {summary[f'{where}_span_ms_per_step']:.1f} ms span per step"
+            )
     for kind, ms in summary["per_kind"].items():
         print(f"  {ms:8.1f}  {kind}")
     calls = summary.pop("calls_per_step")
