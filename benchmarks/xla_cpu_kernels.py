@@ -1,22 +1,26 @@
-"""XLA:CPU's kernels on the train step's shapes: each product compiled with YNNPACK
-(XLA's default) and with oneDNN fusions, and a transpose against a copy.
+"""The train step's products on the CPU by library, each in its own process: XLA with
+YNNPACK (its default), XLA with oneDNN fusions, numpy's BLAS and torch; and XLA's
+transpose against a copy.
 
-  python benchmarks/xla_cpu_kernels.py --out results/xla_cpu_kernels.json
+  python benchmarks/xla_cpu_kernels.py --processes=2 --out results/xla_cpu_kernels.json
 
-Why: on a machine where the step is GEMM-bound, the library that runs the products
-sets the floor. jaxlib's XLA carries a oneDNN runtime (`xla_cpu_use_onednn` with
-`xla_cpu_experimental_onednn_fusion_type`); this measures it alone, one op per
-jitted call, alternating the variants so slow spells hit both. The shapes are
+Why: a comparison of product libraries in one process is wrong on this kind of machine.
+BLAS and OpenMP worker threads spin after each call, and on two cores they take the
+other library's time: interleaved with numpy's OpenBLAS, XLA's products measured 87-125
+GFLOP/s, against 181-235 in a process of their own. So each library runs alone in a
+child process (`--library`), the children alternate (ABCD, DCBA, ...), and each case
+reports the median over processes. jaxlib's XLA carries a oneDNN runtime
+(`xla_cpu_use_onednn` with `xla_cpu_experimental_onednn_fusion_type`). The shapes are
 llama-small's (batch 4 x seq 512, hidden 512, MLP 1376, vocab 32000): projections
 forward and backward, the fused LM head's 256-row blocks, and one attention block.
 """
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 ONEDNN = {
@@ -24,111 +28,126 @@ ONEDNN = {
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_experimental_ynn_fusion_type": "",
 }
-_NT = (((1,), (1,)), ((), ()))  # contract both operands' last dim: g @ W^T
-
-
-def _nt(a, b):
-    return jax.lax.dot_general(a, b, _NT)
-
-
-def _attention_scores(q, k):
-    return jnp.einsum("bkrh,bksh->bkrs", q, k)
-
-
-# name -> (function, lhs shape, rhs shape, FLOPs)
+LIBRARIES = ("ynnpack", "onednn", "numpy", "torch")
+# name -> (lhs shape, rhs shape, transpose rhs (g @ W^T), FLOPs); the last is batched.
 CASES = {
-    "x[2048,512] @ W[512,1376] (gate, up)": (
-        jnp.dot,
-        (2048, 512),
-        (512, 1376),
-        2 * 2048 * 512 * 1376,
-    ),
-    "x[2048,1376] @ W[1376,512] (down)": (
-        jnp.dot,
-        (2048, 1376),
-        (1376, 512),
-        2 * 2048 * 1376 * 512,
-    ),
-    "g[2048,1376] @ W[512,1376]^T (dx)": (_nt, (2048, 1376), (512, 1376), 2 * 2048 * 1376 * 512),
-    "x^T[512,2048] @ g[2048,1376] (dW)": (
-        jnp.dot,
-        (512, 2048),
-        (2048, 1376),
-        2 * 512 * 2048 * 1376,
-    ),
-    "h[256,512] @ W[512,32000] (head block)": (
-        jnp.dot,
-        (256, 512),
-        (512, 32000),
-        2 * 256 * 512 * 32000,
-    ),
-    "g[256,32000] @ W[512,32000]^T (head dh)": (
-        _nt,
-        (256, 32000),
-        (512, 32000),
-        2 * 256 * 32000 * 512,
-    ),
-    "h^T[512,256] @ g[256,32000] (head dW)": (
-        jnp.dot,
-        (512, 256),
-        (256, 32000),
-        2 * 512 * 256 * 32000,
-    ),
-    "q[4,8,128,64] k[4,8,512,64] (scores)": (
-        _attention_scores,
-        (4, 8, 128, 64),
-        (4, 8, 512, 64),
-        2 * 4 * 8 * 128 * 512 * 64,
-    ),
+    "x[2048,512] @ W[512,1376] (gate, up)": ((2048, 512), (512, 1376), False),
+    "x[2048,1376] @ W[1376,512] (down)": ((2048, 1376), (1376, 512), False),
+    "g[2048,1376] @ W[512,1376]^T (dx)": ((2048, 1376), (512, 1376), True),
+    "x^T[512,2048] @ g[2048,1376] (dW)": ((512, 2048), (2048, 1376), False),
+    "h[256,512] @ W[512,32000] (head block)": ((256, 512), (512, 32000), False),
+    "g[256,32000] @ W[512,32000]^T (head dh)": ((256, 32000), (512, 32000), True),
+    "h^T[512,256] @ g[256,32000] (head dW)": ((512, 256), (256, 32000), False),
+    "q[4,8,128,64] k[4,8,512,64]^T (scores)": ((4, 8, 128, 64), (4, 8, 512, 64), True),
 }
 
 
-def _time(compiled: dict, args, rounds: int) -> dict:
-    times = {name: [] for name in compiled}
-    for fn in compiled.values():
-        jax.block_until_ready(fn(*args))
+def _flops(lhs, rhs, transpose_rhs) -> int:
+    n = rhs[-2] if transpose_rhs else rhs[-1]
+    return 2 * int(np.prod(lhs)) * n
+
+
+def _product(library: str, transpose_rhs: bool):
+    """-> f(a, b) = a @ b (or a @ b^T over the last two dims) in `library`."""
+    if library in ("ynnpack", "onednn"):
+        import jax
+        import jax.numpy as jnp
+
+        def f(a, b):
+            return jnp.matmul(a, jnp.swapaxes(b, -1, -2) if transpose_rhs else b)
+
+        def compiled(a, b):
+            a, b = jnp.asarray(a), jnp.asarray(b)
+            lowered = jax.jit(f).lower(a, b)
+            run = lowered.compile(ONEDNN if library == "onednn" else None)
+            return lambda: run(a, b).block_until_ready()
+
+        return compiled
+    if library == "torch":
+        import torch
+
+        torch.set_num_threads(2)
+
+        def compiled(a, b):
+            a, b = torch.from_numpy(a), torch.from_numpy(b)
+            b = b.transpose(-1, -2) if transpose_rhs else b  # a view: BLAS's own flag
+            return lambda: torch.matmul(a, b)
+
+        return compiled
+
+    def compiled(a, b):
+        b = np.swapaxes(b, -1, -2) if transpose_rhs else b
+        return lambda: np.matmul(a, b)
+
+    return compiled
+
+
+def _median_s(fn, rounds: int) -> float:
+    fn()
+    times = []
     for _ in range(rounds):
-        for name, fn in compiled.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(library: str, rounds: int) -> dict:
+    """This process's median seconds per case for one library, and for XLA the
+    transpose and copy of a [2048, 1376] slice of a layer stack."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for case, (lhs, rhs, transpose_rhs) in CASES.items():
+        a, b = (rng.standard_normal(s, dtype=np.float32) for s in (lhs, rhs))
+        out[case] = _median_s(_product(library, transpose_rhs)(a, b), rounds)
+    if library == "ynnpack":
+        import jax
+        import jax.numpy as jnp
+
+        stack = jnp.asarray(rng.standard_normal((8, 2048, 1376), dtype=np.float32))
+        layer = lambda s: jax.lax.dynamic_index_in_dim(s, 3, keepdims=False)  # noqa: E731
+        for name, fn in (("transpose", lambda s: layer(s).T), ("copy", lambda s: layer(s) * 2)):
+            run = jax.jit(fn).lower(stack).compile()
+            out[f"[2048,1376] {name}"] = _median_s(lambda: run(stack).block_until_ready(), rounds)
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--library", choices=LIBRARIES, help="measure one, print JSON")
+    parser.add_argument("--processes", type=int, default=2, help="child processes per library")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
+    if args.library:
+        print(json.dumps(measure(args.library, args.rounds)))
+        return
+    runs = {lib: [] for lib in LIBRARIES}
+    for p in range(args.processes):
+        for lib in LIBRARIES if p % 2 == 0 else LIBRARIES[::-1]:
+            cmd = [sys.executable, __file__, f"--library={lib}", f"--rounds={args.rounds}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:  # torch is an optional extra
+                print(f"{lib}: failed ({done.stderr.strip().splitlines()[-1:]})")
+                continue
+            runs[lib].append(json.loads(done.stdout.strip().splitlines()[-1]))
     records = []
-    for case, (fn, lhs, rhs, flops) in CASES.items():
-        a, b = (jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in (lhs, rhs))
-        lowered = jax.jit(fn).lower(a, b)
-        compiled = {"ynnpack": lowered.compile(), "onednn": lowered.compile(ONEDNN)}
-        for name, seconds in _time(compiled, (a, b), args.rounds).items():
-            records.append(
-                {
-                    "case": case,
-                    "library": name,
-                    "median_s": seconds,
-                    "gflops_per_s": flops / seconds / 1e9,
-                }
-            )
-        print(case, {r["library"]: round(r["gflops_per_s"]) for r in records[-2:]}, "GFLOP/s")
-    # XLA's transpose against a copy of the same bytes: the explicit transposes that
-    # layers.matmul's backward makes for dW (activations read from the scan's stack).
-    stack = jnp.asarray(rng.standard_normal((8, 2048, 1376), dtype=np.float32))
-    moves = {
-        "transpose": jax.jit(lambda s, i: jax.lax.dynamic_index_in_dim(s, i, keepdims=False).T),
-        "copy": jax.jit(lambda s, i: jax.lax.dynamic_index_in_dim(s, i, keepdims=False) * 2),
-    }
-    for name, seconds in _time(moves, (stack, jnp.int32(3)), args.rounds).items():
-        gb = 2 * 2048 * 1376 * 4 / 1e9  # read + write
-        records.append(
-            {"case": f"[2048,1376] {name}", "median_s": seconds, "gb_per_s": gb / seconds}
+    for lib, per_process in runs.items():
+        for case in per_process[0] if per_process else ():
+            seconds = float(np.median([r[case] for r in per_process]))
+            record = {"library": lib, "case": case, "median_s": seconds}
+            if case in CASES:
+                record["gflops_per_s"] = _flops(*CASES[case]) / seconds / 1e9
+            else:  # read + write of the slice
+                record["gb_per_s"] = 2 * 2048 * 1376 * 4 / seconds / 1e9
+            records.append(record)
+    for case in [*CASES, "[2048,1376] transpose", "[2048,1376] copy"]:
+        rows = [r for r in records if r["case"] == case]
+        unit = "GFLOP/s" if case in CASES else "GB/s"
+        rates = "  ".join(
+            f"{r['library']} {r.get('gflops_per_s', r.get('gb_per_s')):.0f}" for r in rows
         )
-        print(f"[2048,1376] {name}: {seconds * 1e3:.2f} ms ({gb / seconds:.1f} GB/s)")
+        print(f"{case:42s} {rates} {unit}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=2)
