@@ -202,6 +202,7 @@ COMPILER_OPTIONS = {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
     },
     "vector_width_512": {"xla_cpu_prefer_vector_width": 512},  # CPU: AVX-512 in XLA's own loops
+    "fast_math": {"xla_cpu_enable_fast_math": True},  # CPU: LLVM fast-math in XLA's loops
     "no_concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
     "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
     # LLVM's optimization level for the generated kernels (XLA's default: 3), and its
