@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ftlib.models.layers import accumulation_dtype
+from ftlib.models.layers import accumulation_dtype, einsum
 
 NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
 
@@ -38,8 +38,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     scores = scores * (H**-0.5)
     scores = jnp.where(mask_BTS[:, None, None], scores.astype(jnp.float32), NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=acc)
-    out_BTKGH = out_BTKGH.astype(v_BSKH.dtype)
+    out_BTKGH = einsum("bkgts,bskh->btkgh", probs, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
 
 
@@ -181,7 +180,6 @@ def _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
     B, T, N, H = q_BTNH.shape
     G, rows = N // k_BTKH.shape[2], T // n
     q_BKRH, k_BKTH, v_BKTH = _to_heads(q_BTNH * (H**-0.5), k_BTKH, v_BTKH)
-    acc = accumulation_dtype(q_BKRH, v_BKTH)  # float32 results for XLA:CPU's bf16 kernels
     outs, probs = [], []
     for i in range(n):
         q_i = q_BKRH[:, :, i * rows * G : (i + 1) * rows * G]
@@ -191,8 +189,7 @@ def _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
         )
         s = mask_scores(s, _block_mask(mask_BTT, i, rows, G))
         p = jax.nn.softmax(s, axis=-1).astype(v_BKTH.dtype)
-        o_i = jnp.einsum("bkrs,bksh->bkrh", p, v_BKTH[:, :, :end], preferred_element_type=acc)
-        outs.append(o_i.astype(v_BKTH.dtype))
+        outs.append(einsum("bkrs,bksh->bkrh", p, v_BKTH[:, :, :end]))
         probs.append(p)
     o_BKRH = jnp.concatenate(outs, axis=2)
     out = o_BKRH.reshape(B, -1, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
@@ -210,7 +207,6 @@ def _causal_bwd(n, res, dout_BTNH):
     # softmax backward: ds = p * (dp - sum_s p * dp), and sum_s p * dp = do . o
     delta_BKR = jnp.sum(do_BKRH.astype(jnp.float32) * o_BKRH.astype(jnp.float32), axis=-1)
     dqs, dk, dv = [], jnp.zeros(k_BKTH.shape, jnp.float32), jnp.zeros(v_BKTH.shape, jnp.float32)
-    acc = accumulation_dtype(q_BKRH, k_BKTH)
     for i, p in enumerate(probs):
         r = slice(i * rows * G, (i + 1) * rows * G)
         end = (i + 1) * rows
@@ -220,8 +216,7 @@ def _causal_bwd(n, res, dout_BTNH):
             "bkrh,bksh->bkrs", do_i, v_BKTH[:, :, :end], preferred_element_type=jnp.float32
         )
         ds = (p.astype(jnp.float32) * (dp - delta_BKR[:, :, r, None])).astype(q_i.dtype)
-        dq_i = jnp.einsum("bkrs,bksh->bkrh", ds, k_BKTH[:, :, :end], preferred_element_type=acc)
-        dqs.append(dq_i.astype(q_i.dtype))
+        dqs.append(einsum("bkrs,bksh->bkrh", ds, k_BKTH[:, :, :end]))
         dk_i = jnp.einsum("bkrs,bkrh->bksh", ds, q_i, preferred_element_type=jnp.float32)
         dk = dk.at[:, :, :end].add(dk_i)
         dv = dv.at[:, :, :end].add(dv_i)

@@ -25,6 +25,7 @@ from ftlib.models.layers import (
     DEFAULT_INIT,
     Linear,
     accumulation_dtype,
+    einsum,
     param,
     scans_layers,
     stacked,
@@ -200,8 +201,7 @@ class Attention(nnx.Module):
         scores_BNTS = jnp.where(mask_BS[:, None, None], scores_BNTS.astype(jnp.float32), -1e30)
         probs = jax.nn.softmax(scores_BNTS, axis=-1).astype(v.dtype)
         probs = dropout(probs, self.attention_dropout, keys[3])
-        out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=acc)
-        out_BTNH = out_BTNH.astype(v.dtype)
+        out_BTNH = einsum("bnts,bsnh->btnh", probs, v)
         return self.output(out_BTNH.reshape(B, T, D), rng=keys[4])
 
 

@@ -86,6 +86,13 @@ def dot(a, b):
     return jnp.dot(a, b, preferred_element_type=accumulation_dtype(a, b)).astype(out_dtype)
 
 
+def einsum(spec: str, a, b):
+    """jnp.einsum(spec, a, b) in the inputs' dtype, accumulating as `dot` does."""
+    out_dtype = jnp.result_type(a, b)
+    acc = accumulation_dtype(a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=acc).astype(out_dtype)
+
+
 def accumulation_dtype(*operands):
     """The preferred_element_type of a product of these operands, as `dot` picks it:
     float32 on CPU when they are bf16 or fp16, else None (their own dtype)."""

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftlib.models.layers import Linear, accumulation_dtype, dot, param
+from ftlib.models.layers import Linear, accumulation_dtype, dot, einsum, param
 from ftlib.peft.surgery import replace_modules
 
 
@@ -82,9 +82,7 @@ def lora_product(scale: float, x_TD, a_RD, b_RO):
 
 
 def _lora_product_fwd(scale, x_TD, a_RD, b_RO):
-    acc = accumulation_dtype(x_TD, a_RD)
-    xa_TR = jnp.einsum("...d,rd->...r", x_TD, a_RD, preferred_element_type=acc)
-    xa_TR = xa_TR.astype(x_TD.dtype) * scale
+    xa_TR = einsum("...d,rd->...r", x_TD, a_RD) * scale
     return dot(xa_TR, b_RO), (x_TD, a_RD, b_RO, xa_TR)
 
 
