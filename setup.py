@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Parameter-efficient fine-tuning of LLMs in JAX / Flax NNX",
     packages=find_packages(include=["ftlib", "ftlib.*"]),
+    package_data={"ftlib": ["*.cc"]},  # compiled on first use (ftlib/mkl_gemm.py)
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.11",
@@ -24,6 +25,8 @@ setup(
         "gguf>=0.19",
         "tqdm",
         "tensorboardX",
+        # fp32 CPU products in MKL (ftlib/mkl_gemm.py); elsewhere they stay in XLA.
+        'mkl; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
     extras_require={
         "test": ["pytest>=8", "matplotlib"],  # matplotlib: the notebooks run in the suite

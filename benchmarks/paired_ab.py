@@ -157,6 +157,22 @@ def _adapter_in_product():
     return _patched(LoRALinear, "__call__", lora_in_product.lora_call)
 
 
+@contextlib.contextmanager
+def _xla_gemm():
+    """fp32 CPU products in XLA's kernels instead of MKL's (FTLIB_CPU_GEMM=xla)."""
+    import os
+
+    old = os.environ.get("FTLIB_CPU_GEMM")
+    os.environ["FTLIB_CPU_GEMM"] = "xla"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FTLIB_CPU_GEMM"]
+        else:
+            os.environ["FTLIB_CPU_GEMM"] = old
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -176,6 +192,7 @@ VARIANTS = {
     "dw_contract_tokens": _dw_contract_tokens,
     "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
+    "xla_gemm": _xla_gemm,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

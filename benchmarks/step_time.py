@@ -175,9 +175,11 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     rng = np.random.default_rng(0)  # not ones: a GPU multiplies constants faster
     x = jnp.asarray(rng.normal(size=(w.batch * w.seq, big[0])), dtype)
     y = jnp.asarray(rng.normal(size=big), dtype)
-    from ftlib.models.layers import dot  # ftlib's matmuls: on CPU bf16 accumulates in fp32
+    # ftlib's product, as Linear runs it: MKL for fp32 on one CPU device, else XLA's
+    # (with bf16 accumulating in fp32 on CPU).
+    from ftlib.models.layers import matmul
 
-    gemm = jax.jit(dot)
+    gemm = jax.jit(matmul)
     gemm(x, y).block_until_ready()
     gemm_times = []
     for _ in range(5):

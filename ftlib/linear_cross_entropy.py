@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ftlib import mkl_gemm
+
 
 def block_rows(D: int) -> int:
     """Logits rows (B * t) per block for hidden size D, fitted on this project's CPU
@@ -84,14 +86,18 @@ def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_
     w_c = w.astype(dtype)  # cast once, not per block; the blocks get h cast too
     out_dtype = h_BTD.dtype  # dh's
     contract_w = 1 if vocab_major else 0  # w's D axis
+    mkl = mkl_gemm.applies(w_c)  # h is cast to w_c's dtype: fp32 on one CPU device
 
     def block(dw_acc, xs):
         h_btD, tgt_bt, wt_bt = xs
         b = h_btD.shape[0]
         h_ND, tgt_N, wt_N = h_btD.reshape(-1, D), tgt_bt.reshape(-1), wt_bt.reshape(-1)
-        logits_NV = jax.lax.dot_general(
-            h_ND, w_c, (((1,), (contract_w,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        if mkl:
+            logits_NV = mkl_gemm.gemm(h_ND, w_c, transpose_b=vocab_major)
+        else:
+            logits_NV = jax.lax.dot_general(
+                h_ND, w_c, (((1,), (contract_w,)), ((), ())), preferred_element_type=jnp.float32
+            )
         # One exp pass serves both the loss and the softmax of the gradient.
         max_N = jnp.max(logits_NV, axis=-1)
         exp_NV = jnp.exp(logits_NV - max_N[:, None])
@@ -105,12 +111,17 @@ def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_
         if need_dh or need_dw:
             onehot_NV = jnp.arange(V)[None, :] == tgt_N[:, None]
             g_NV = (exp_NV * (wt_N / sum_N)[:, None] - onehot_NV * wt_N[:, None]).astype(dtype)
-            if need_dh:
+            if need_dh and mkl:
+                dh = mkl_gemm.gemm(g_NV, w_c, transpose_b=not vocab_major)
+                dh = dh.astype(out_dtype).reshape(b, -1, D)
+            elif need_dh:
                 # g @ w^T (or g @ w when vocab-major), contracted in place: no transposed copy.
                 dims = (((1,), (1 - contract_w,)), ((), ()))
                 dh = jax.lax.dot_general(g_NV, w_c, dims, preferred_element_type=jnp.float32)
                 dh = dh.astype(out_dtype).reshape(b, -1, D)
-            if need_dw:
+            if need_dw and mkl:  # h^T read in place, g added into dw's buffer
+                dw_acc = mkl_gemm.gemm_accumulate(dw_acc, h_ND, g_NV, transpose_a=True)
+            elif need_dw:
                 # Transposing h explicitly (the barrier keeps XLA from folding it back
                 # into the dot) gives the faster GEMM layout on CPU, as in layers.matmul.
                 h_DN = jax.lax.optimization_barrier(h_ND.T)

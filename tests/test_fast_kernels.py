@@ -3,6 +3,7 @@ LoRA product, the fused LM head + loss) must give autodiff's values and gradient
 
 import contextlib
 import io
+import re
 
 import jax
 import jax.numpy as jnp
@@ -254,7 +255,8 @@ def test_linear_cross_entropy_frozen_head_skips_the_weight_gradient():
         return linear_cross_entropy(h, w, targets, weight)[0]
 
     def dots(fn, *args):
-        return jax.jit(fn).lower(*args).as_text().count("dot_general")
+        text = jax.jit(fn).lower(*args).as_text()  # XLA's products, or MKL's custom calls
+        return len(re.findall(r"dot_general|custom_call @ftlib_sgemm", text))
 
     only_h = dots(jax.grad(loss), h, w)
     both = dots(jax.grad(loss, argnums=(0, 1)), h, w)

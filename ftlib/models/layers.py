@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftlib import mkl_gemm
+
 DEFAULT_INIT = nnx.initializers.normal(0.02)
 
 
@@ -104,12 +106,16 @@ def accumulation_dtype(*operands):
 
 @jax.custom_vjp
 def matmul(x_TI, w_IO):
-    """x @ w over the last dim of x, with a backward that XLA compiles well on CPU."""
+    """x @ w over the last dim of x, with a backward that XLA compiles well on CPU.
+    fp32 products on one CPU device run in MKL (ftlib.mkl_gemm) when it is available."""
+    if w_IO.ndim == 2 and mkl_gemm.applies(x_TI, w_IO):
+        y_NO = mkl_gemm.gemm(x_TI.reshape(-1, x_TI.shape[-1]), w_IO)
+        return y_NO.reshape(*x_TI.shape[:-1], w_IO.shape[-1])
     return dot(x_TI, w_IO)
 
 
 def _matmul_fwd(x_TI, w_IO):
-    return dot(x_TI, w_IO), (x_TI, w_IO)
+    return matmul(x_TI, w_IO), (x_TI, w_IO)
 
 
 def _matmul_bwd(res, g_TO):
@@ -120,6 +126,9 @@ def _matmul_bwd(res, g_TO):
     When w is frozen dw is unused and XLA drops it."""
     x_TI, w_IO = res
     x_NI, g_NO = x_TI.reshape(-1, x_TI.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
+    if w_IO.ndim == 2 and mkl_gemm.applies(x_TI, w_IO, g_TO):  # MKL reads x^T in place
+        dx_NI = mkl_gemm.gemm(g_NO, w_IO, transpose_b=True)
+        return dx_NI.reshape(x_TI.shape), mkl_gemm.gemm(x_NI, g_NO, transpose_a=True)
     x_IN = jax.lax.optimization_barrier(x_NI.T)
     return dot(g_TO, w_IO.T), dot(x_IN, g_NO)
 

@@ -1,0 +1,144 @@
+// fp32 GEMMs for XLA:CPU as FFI custom calls into sequential MKL, one slice of the
+// output per thread of XLA's intra-op pool. Built and registered by ftlib/mkl_gemm.py.
+//
+// Why: on a 2-vCPU Sapphire Rapids Xeon, sequential MKL reaches ~150 GFLOP/s on one
+// core, and XLA's own fp32 products 150-230 on both (benchmarks/README.md). Running
+// MKL on XLA's pool (not MKL's OpenMP team) keeps one set of threads on the cores.
+//
+//   ftlib_sgemm:     C = op(A) @ op(B)
+//   ftlib_sgemm_acc: C = C0 + op(A) @ op(B), C aliased to C0 by the caller
+// A is [M, K] ([K, M] when transpose_a), B is [K, N] ([N, K] when transpose_b), row-major.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include <dlfcn.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using SgemmFn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                         const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                         int ldc);
+SgemmFn cblas_sgemm = nullptr;
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+struct Gemm {
+  const float* a;
+  const float* b;
+  float* c;
+  int64_t m, n, k;
+  bool transpose_a, transpose_b;
+  float beta;
+
+  // C[m0:m1, n0:n1]: a slice of rows (or columns) is a pointer offset; the leading
+  // dimensions stay those of the whole matrices.
+  void Run(int64_t m0, int64_t m1, int64_t n0, int64_t n1) const {
+    const float* a0 = transpose_a ? a + m0 : a + m0 * k;
+    const float* b0 = transpose_b ? b + n0 * k : b + n0;
+    cblas_sgemm(kRowMajor, transpose_a ? kTrans : kNoTrans, transpose_b ? kTrans : kNoTrans,
+                m1 - m0, n1 - n0, k, 1.0f, a0, transpose_a ? m : k, b0, transpose_b ? k : n,
+                beta, c + m0 * n + n0, n);
+  }
+};
+
+// The output cut into `parts` slices along its longer side. Each pool thread, and the
+// calling thread, claims slices until none is left, so the call never waits on a task
+// that has not started: a busy pool cannot deadlock it, only leave the caller more work.
+struct Slices {
+  Gemm gemm;
+  int64_t parts;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Drain() {
+    for (int64_t p; (p = next.fetch_add(1)) < parts;) {
+      bool rows = gemm.m >= gemm.n;
+      int64_t size = rows ? gemm.m : gemm.n;
+      int64_t lo = size * p / parts, hi = size * (p + 1) / parts;
+      if (rows) {
+        gemm.Run(lo, hi, 0, gemm.n);
+      } else {
+        gemm.Run(0, gemm.m, lo, hi);
+      }
+      done.fetch_add(1);
+    }
+  }
+};
+
+void RunOnPool(ffi::ThreadPool& pool, const Gemm& gemm) {
+  auto slices = std::make_shared<Slices>();
+  slices->gemm = gemm;
+  int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  slices->parts = std::max<int64_t>(std::min(threads, std::max(gemm.m, gemm.n)), 1);
+  for (int64_t t = 1; t < slices->parts; ++t) pool.Schedule([slices] { slices->Drain(); });
+  slices->Drain();
+  while (slices->done.load() < slices->parts) std::this_thread::yield();
+}
+
+ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                 ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b, int64_t m,
+                 int64_t n, int64_t k) {
+  RunOnPool(pool, Gemm{a.typed_data(), b.typed_data(), c->typed_data(), m, n, k, transpose_a,
+                       transpose_b, 0.0f});
+  return ffi::Error::Success();
+}
+
+ffi::Error SgemmAcc(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> a,
+                    ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, bool transpose_a,
+                    bool transpose_b, int64_t m, int64_t n, int64_t k) {
+  if (c0.typed_data() != c->typed_data()) {
+    return ffi::Error::InvalidArgument("ftlib_sgemm_acc: the output must alias the addend");
+  }
+  RunOnPool(pool, Gemm{a.typed_data(), b.typed_data(), c->typed_data(), m, n, k, transpose_a,
+                       transpose_b, 1.0f});
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Loads MKL's single dynamic library privately (RTLD_DEEPBIND: a torch loaded in the
+// same process exports its own cblas_sgemm, with OpenMP threads) in its sequential
+// layer. Returns 0, or -1 with nothing loaded.
+extern "C" int FtlibMklInit(const char* mkl_rt_path) {
+  void* lib = dlopen(mkl_rt_path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+  if (lib == nullptr) return -1;
+  auto set_layer = reinterpret_cast<int (*)(int)>(dlsym(lib, "MKL_Set_Threading_Layer"));
+  auto sgemm = reinterpret_cast<SgemmFn>(dlsym(lib, "cblas_sgemm"));
+  if (set_layer == nullptr || sgemm == nullptr) return -1;
+  constexpr int kSequential = 1;  // MKL_THREADING_SEQUENTIAL
+  set_layer(kSequential);
+  cblas_sgemm = sgemm;
+  return 0;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemm, Sgemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemmAcc, SgemmAcc,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("k"));

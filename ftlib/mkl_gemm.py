@@ -1,0 +1,166 @@
+"""fp32 products on CPU through MKL: XLA FFI custom calls built from mkl_gemm.cc.
+
+On a 2-vCPU Xeon the train step's big fp32 products (projections, their gradients,
+the fused LM head) run 1.1-1.4x faster in sequential MKL, one output slice per thread
+of XLA's pool, than in XLA's own kernels, and llama-small steps take ~0.9x the time
+(benchmarks/README.md). The models call `applies` at trace time and keep XLA's
+products wherever it says no.
+
+The kernel is compiled on first use with the C++ compiler (`$CXX`, else g++) against
+jaxlib's FFI headers, and cached in `$FTLIB_CACHE/kernels` (default ~/.cache/ftlib)
+by a hash of its source and jax's version. MKL comes from the `mkl` wheel (an
+x86-64 Linux dependency of ftlib), loaded privately in its sequential layer.
+
+`FTLIB_CPU_GEMM` picks: `auto` (default: MKL when available), `xla` (never), `mkl`
+(always on CPU for fp32, and an error when the kernel cannot be built).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftlib import assets
+from ftlib.errors import FtlibError
+
+SOURCE = pathlib.Path(__file__).with_suffix(".cc")
+TARGETS = {"ftlib_sgemm": "FtlibSgemm", "ftlib_sgemm_acc": "FtlibSgemmAcc"}
+CHOICES = ("auto", "xla", "mkl")
+MAX_DIM = 2**31 - 1  # MKL's LP64 interface takes int sizes
+
+
+class Unavailable(FtlibError):
+    """The MKL kernel cannot be used here (no MKL, no compiler, a failed build)."""
+
+
+def choice() -> str:
+    value = os.environ.get("FTLIB_CPU_GEMM", "auto")
+    if value not in CHOICES:
+        raise ValueError(f"FTLIB_CPU_GEMM={value!r}: expected one of {CHOICES}")
+    return value
+
+
+def _mkl_rt() -> pathlib.Path:
+    try:
+        files = importlib.metadata.distribution("mkl").files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise Unavailable("the `mkl` package is not installed (pip install mkl)") from None
+    for f in files:
+        if f.name.startswith("libmkl_rt.so"):
+            return pathlib.Path(f.locate()).resolve()
+    raise Unavailable("the `mkl` package has no libmkl_rt.so")
+
+
+def _build() -> pathlib.Path:
+    """Compiles mkl_gemm.cc once per source and jaxlib version -> the cached .so."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + jax.__version__.encode()).hexdigest()[:16]
+    cache = assets.cache_dir() / "kernels"
+    library = cache / f"mkl_gemm-{key}.so"
+    if library.exists():
+        return library
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise Unavailable("no C++ compiler ($CXX or g++) to build ftlib/mkl_gemm.cc")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then an atomic rename
+        built = pathlib.Path(tmp) / library.name
+        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
+        cmd += [f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built), "-ldl"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise Unavailable(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(built, library)
+    return library
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds, loads and registers the kernel -> None, or why it is unavailable."""
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+        mkl_rt = _mkl_rt()
+        if library.FtlibMklInit(str(mkl_rt).encode()) != 0:
+            raise Unavailable(f"could not load MKL from {mkl_rt}")
+    except Unavailable as e:
+        logging.warning("ftlib: fp32 CPU products stay in XLA: %s", e)
+        return str(e)
+    for target, symbol in TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    return None
+
+
+def applies(*operands) -> bool:
+    """Whether products of these operands go to MKL: float32 operands on a one-device
+    CPU backend (a custom call has no sharding rule, so sharded steps keep XLA's), the
+    kernel available and FTLIB_CPU_GEMM not `xla`."""
+    mode = choice()
+    if mode == "xla" or jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    if any(jnp.result_type(x) != jnp.float32 for x in operands):
+        return False
+    if any(d > MAX_DIM for x in operands for d in jnp.shape(x)):
+        return False
+    reason = _load()
+    if reason is not None and mode == "mkl":
+        raise Unavailable(f"FTLIB_CPU_GEMM=mkl: {reason}")
+    return reason is None
+
+
+def _sizes(a, b, transpose_a, transpose_b):
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"gemm takes 2-D operands, got {a.shape} and {b.shape}")
+    m, k = a.shape[::-1] if transpose_a else a.shape
+    n, kb = b.shape if transpose_b else b.shape[::-1]
+    if k != kb:
+        raise ValueError(f"gemm: contracting sizes differ: {a.shape}, {b.shape}")
+    return m, n, k
+
+
+def _attributes(m, n, k, transpose_a, transpose_b) -> dict:
+    return dict(
+        transpose_a=bool(transpose_a),
+        transpose_b=bool(transpose_b),
+        m=np.int64(m),
+        n=np.int64(n),
+        k=np.int64(k),
+    )
+
+
+def gemm(a_MK, b_KN, *, transpose_a=False, transpose_b=False):
+    """op(a) @ op(b) in float32, op transposing when asked: a is [M, K] (or [K, M]),
+    b [K, N] (or [N, K]). A transposed operand is read in place, never copied. Not
+    differentiable: callers give it a custom VJP (layers.matmul)."""
+    m, n, k = _sizes(a_MK, b_KN, transpose_a, transpose_b)
+    call = jax.ffi.ffi_call(
+        "ftlib_sgemm", jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )
+    return call(a_MK, b_KN, **_attributes(m, n, k, transpose_a, transpose_b))
+
+
+def gemm_accumulate(c_MN, a_MK, b_KN, *, transpose_a=False, transpose_b=False):
+    """c + op(a) @ op(b), written into c's buffer (MKL's beta = 1): no separate add
+    pass over c, e.g. the LM head's [D, V] weight gradient summed over blocks."""
+    m, n, k = _sizes(a_MK, b_KN, transpose_a, transpose_b)
+    if c_MN.shape != (m, n):
+        raise ValueError(f"gemm_accumulate: c is {c_MN.shape}, the product {(m, n)}")
+    call = jax.ffi.ffi_call(
+        "ftlib_sgemm_acc",
+        jax.ShapeDtypeStruct((m, n), jnp.float32),
+        vmap_method="sequential",
+        input_output_aliases={0: 0},
+    )
+    return call(c_MN, a_MK, b_KN, **_attributes(m, n, k, transpose_a, transpose_b))

@@ -1,0 +1,115 @@
+"""The MKL products (ftlib/mkl_gemm.py) against numpy, and the model code that calls
+them against XLA's products: the same values and gradients either way."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftlib import mkl_gemm
+from ftlib.linear_cross_entropy import linear_cross_entropy
+from ftlib.models.layers import matmul
+
+needs_mkl = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or mkl_gemm._load() is not None,
+    reason=f"the MKL kernel is unavailable here: {mkl_gemm._load()}",
+)
+
+
+@needs_mkl
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 5, 3), (300, 2, 17), (2, 300, 17), (129, 77, 65)])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemm_matches_numpy(m, n, k, transpose_a, transpose_b):
+    rng = np.random.default_rng(m * n * k)
+    a = rng.standard_normal((k, m) if transpose_a else (m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if transpose_b else (k, n), dtype=np.float32)
+    c = rng.standard_normal((m, n), dtype=np.float32)
+    want = (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+    flags = dict(transpose_a=transpose_a, transpose_b=transpose_b)
+    got = jax.jit(lambda a, b: mkl_gemm.gemm(a, b, **flags))(a, b)
+    summed = jax.jit(lambda c, a, b: mkl_gemm.gemm_accumulate(c, a, b, **flags))(c, a, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(summed, c + want, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_gemm_under_vmap_and_mismatched_sizes():
+    a = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
+    b = jnp.ones((4, 5), jnp.float32)
+    got = jax.jit(jax.vmap(lambda a: mkl_gemm.gemm(a, b)))(a)
+    np.testing.assert_allclose(got, a @ b)
+    with pytest.raises(ValueError, match="contracting sizes differ"):
+        mkl_gemm.gemm(a[0], b.T)
+
+
+def test_applies_only_to_float32_and_follows_the_switch(monkeypatch):
+    x = jnp.ones((4, 4), jnp.float32)
+    assert not mkl_gemm.applies(x.astype(jnp.bfloat16), x)
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
+    assert not mkl_gemm.applies(x, x)
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "blas")
+    with pytest.raises(ValueError, match="FTLIB_CPU_GEMM='blas'"):
+        mkl_gemm.applies(x, x)
+
+
+def _in_both(monkeypatch, fn, *args):
+    """fn(*args) traced once with MKL's products and once with XLA's."""
+    out = {}
+    for mode in ("mkl", "xla"):
+        monkeypatch.setenv("FTLIB_CPU_GEMM", mode)
+        out[mode] = jax.jit(lambda *a: fn(*a))(*args)  # a fresh trace per mode
+    return out["mkl"], out["xla"]
+
+
+@needs_mkl
+def test_matmul_values_and_gradients_match_xla(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 16), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((16, 24), dtype=np.float32))
+    g = jnp.asarray(rng.standard_normal((2, 9, 24), dtype=np.float32))
+
+    def value_and_grads(x, w):
+        y, vjp = jax.vjp(matmul, x, w)
+        return (y, *vjp(g))
+
+    for got, want in zip(*_in_both(monkeypatch, value_and_grads, x, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_linear_cross_entropy_matches_xla(monkeypatch, vocab_major):
+    rng = np.random.default_rng(1)
+    B, T, D, V = 2, 13, 32, 50  # T not a multiple of the block: padded positions too
+    h = jnp.asarray(rng.standard_normal((B, T, D), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((V, D) if vocab_major else (D, V), dtype=np.float32))
+    targets = jnp.asarray(rng.integers(0, V, (B, T)))
+    weight = jnp.asarray(rng.random((B, T)) > 0.2, jnp.float32)
+
+    def loss_and_grads(h, w):
+        loss = lambda h, w: linear_cross_entropy(  # noqa: E731
+            h, w, targets, weight, vocab_major=vocab_major
+        )[0]
+        return jax.value_and_grad(loss, argnums=(0, 1))(h, w)
+
+    got, want = _in_both(monkeypatch, loss_and_grads, h, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_tiny_training_run_logs_the_same_losses_with_either_products(monkeypatch, tmp_path):
+    import json
+
+    from tiny_runs import run_tiny
+
+    losses = {}
+    for mode in ("mkl", "xla"):
+        monkeypatch.setenv("FTLIB_CPU_GEMM", mode)
+        (tmp_path / mode).mkdir()
+        workdir = run_tiny(tmp_path / mode / "run", max_steps=4, method="full")
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in rows if r["split"] in ("train", "val")]
+    assert len(losses["mkl"]) >= 2
+    np.testing.assert_allclose(losses["mkl"], losses["xla"], rtol=1e-4)
