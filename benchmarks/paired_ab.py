@@ -173,6 +173,13 @@ def _xla_gemm():
             os.environ["FTLIB_CPU_GEMM"] = old
 
 
+def _xla_batched_products():
+    """The attention's batched products in XLA's kernels, the rest as ftlib runs it."""
+    from ftlib import mkl_gemm
+
+    return _patched(mkl_gemm, "einsum_transposes", lambda spec: None)
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -193,6 +200,7 @@ VARIANTS = {
     "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
     "xla_gemm": _xla_gemm,
+    "xla_batched_products": _xla_batched_products,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

@@ -5,9 +5,10 @@
 // core, and XLA's own fp32 products 150-230 on both (benchmarks/README.md). Running
 // MKL on XLA's pool (not MKL's OpenMP team) keeps one set of threads on the cores.
 //
-//   ftlib_sgemm:     C = op(A) @ op(B)
-//   ftlib_sgemm_acc: C = C0 + op(A) @ op(B), C aliased to C0 by the caller
-// A is [M, K] ([K, M] when transpose_a), B is [K, N] ([N, K] when transpose_b), row-major.
+//   ftlib_sgemm:     C[i] = op(A[i]) @ op(B[i])
+//   ftlib_sgemm_acc: C[i] = C0[i] + op(A[i]) @ op(B[i]), C aliased to C0 by the caller
+// for i < batch: A[i] is [M, K] ([K, M] when transpose_a), B[i] is [K, N] ([N, K] when
+// transpose_b), row-major and dense.
 
 #include <algorithm>
 #include <atomic>
@@ -34,38 +35,42 @@ struct Gemm {
   const float* a;
   const float* b;
   float* c;
-  int64_t m, n, k;
+  int64_t batch, m, n, k;  // `batch` products, each operand's matrices back to back
   bool transpose_a, transpose_b;
   float beta;
 
-  // C[m0:m1, n0:n1]: a slice of rows (or columns) is a pointer offset; the leading
+  // C[i][m0:m1, n0:n1]: a slice of rows (or columns) is a pointer offset; the leading
   // dimensions stay those of the whole matrices.
-  void Run(int64_t m0, int64_t m1, int64_t n0, int64_t n1) const {
-    const float* a0 = transpose_a ? a + m0 : a + m0 * k;
-    const float* b0 = transpose_b ? b + n0 * k : b + n0;
+  void Run(int64_t i, int64_t m0, int64_t m1, int64_t n0, int64_t n1) const {
+    const float* ai = a + i * m * k;
+    const float* bi = b + i * k * n;
+    const float* a0 = transpose_a ? ai + m0 : ai + m0 * k;
+    const float* b0 = transpose_b ? bi + n0 * k : bi + n0;
     cblas_sgemm(kRowMajor, transpose_a ? kTrans : kNoTrans, transpose_b ? kTrans : kNoTrans,
                 m1 - m0, n1 - n0, k, 1.0f, a0, transpose_a ? m : k, b0, transpose_b ? k : n,
-                beta, c + m0 * n + n0, n);
+                beta, c + i * m * n + m0 * n + n0, n);
   }
 };
 
-// The output cut into `parts` slices along its longer side. Each pool thread, and the
-// calling thread, claims slices until none is left, so the call never waits on a task
+// The work cut into units: whole products when there are at least as many as threads,
+// else each product's output cut along its longer side. Each pool thread, and the
+// calling thread, claims units until none is left, so the call never waits on a task
 // that has not started: a busy pool cannot deadlock it, only leave the caller more work.
-struct Slices {
+struct Units {
   Gemm gemm;
-  int64_t parts;
+  int64_t per_product, count;
   std::atomic<int64_t> next{0}, done{0};
 
   void Drain() {
-    for (int64_t p; (p = next.fetch_add(1)) < parts;) {
+    for (int64_t u; (u = next.fetch_add(1)) < count;) {
+      int64_t i = u / per_product, p = u % per_product;
       bool rows = gemm.m >= gemm.n;
       int64_t size = rows ? gemm.m : gemm.n;
-      int64_t lo = size * p / parts, hi = size * (p + 1) / parts;
+      int64_t lo = size * p / per_product, hi = size * (p + 1) / per_product;
       if (rows) {
-        gemm.Run(lo, hi, 0, gemm.n);
+        gemm.Run(i, lo, hi, 0, gemm.n);
       } else {
-        gemm.Run(0, gemm.m, lo, hi);
+        gemm.Run(i, 0, gemm.m, lo, hi);
       }
       done.fetch_add(1);
     }
@@ -73,31 +78,34 @@ struct Slices {
 };
 
 void RunOnPool(ffi::ThreadPool& pool, const Gemm& gemm) {
-  auto slices = std::make_shared<Slices>();
-  slices->gemm = gemm;
+  auto units = std::make_shared<Units>();
+  units->gemm = gemm;
   int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  slices->parts = std::max<int64_t>(std::min(threads, std::max(gemm.m, gemm.n)), 1);
-  for (int64_t t = 1; t < slices->parts; ++t) pool.Schedule([slices] { slices->Drain(); });
-  slices->Drain();
-  while (slices->done.load() < slices->parts) std::this_thread::yield();
+  int64_t cut = gemm.batch >= threads ? 1 : (threads + gemm.batch - 1) / gemm.batch;
+  units->per_product = std::max<int64_t>(std::min(cut, std::max(gemm.m, gemm.n)), 1);
+  units->count = gemm.batch * units->per_product;
+  int64_t helpers = std::min(threads, units->count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->Drain(); });
+  units->Drain();
+  while (units->done.load() < units->count) std::this_thread::yield();
 }
 
 ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                 ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b, int64_t m,
-                 int64_t n, int64_t k) {
-  RunOnPool(pool, Gemm{a.typed_data(), b.typed_data(), c->typed_data(), m, n, k, transpose_a,
-                       transpose_b, 0.0f});
+                 ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b, int64_t batch,
+                 int64_t m, int64_t n, int64_t k) {
+  RunOnPool(pool, Gemm{a.typed_data(), b.typed_data(), c->typed_data(), batch, m, n, k,
+                       transpose_a, transpose_b, 0.0f});
   return ffi::Error::Success();
 }
 
 ffi::Error SgemmAcc(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> a,
                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, bool transpose_a,
-                    bool transpose_b, int64_t m, int64_t n, int64_t k) {
+                    bool transpose_b, int64_t batch, int64_t m, int64_t n, int64_t k) {
   if (c0.typed_data() != c->typed_data()) {
     return ffi::Error::InvalidArgument("ftlib_sgemm_acc: the output must alias the addend");
   }
-  RunOnPool(pool, Gemm{a.typed_data(), b.typed_data(), c->typed_data(), m, n, k, transpose_a,
-                       transpose_b, 1.0f});
+  RunOnPool(pool, Gemm{a.typed_data(), b.typed_data(), c->typed_data(), batch, m, n, k,
+                       transpose_a, transpose_b, 1.0f});
   return ffi::Error::Success();
 }
 
@@ -126,6 +134,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemm, Sgemm,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
+                                  .Attr<int64_t>("batch")
                                   .Attr<int64_t>("m")
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("k"));
@@ -139,6 +148,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemmAcc, SgemmAcc,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
+                                  .Attr<int64_t>("batch")
                                   .Attr<int64_t>("m")
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("k"));

@@ -121,46 +121,86 @@ def applies(*operands) -> bool:
 
 
 def _sizes(a, b, transpose_a, transpose_b):
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"gemm takes 2-D operands, got {a.shape} and {b.shape}")
-    m, k = a.shape[::-1] if transpose_a else a.shape
-    n, kb = b.shape if transpose_b else b.shape[::-1]
+    if a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or b.ndim != a.ndim:
+        raise ValueError(
+            f"gemm: operands [*batch, rows, cols] with one batch, got {a.shape}, {b.shape}"
+        )
+    m, k = a.shape[-1:-3:-1] if transpose_a else a.shape[-2:]
+    n, kb = b.shape[-2:] if transpose_b else b.shape[-1:-3:-1]
     if k != kb:
         raise ValueError(f"gemm: contracting sizes differ: {a.shape}, {b.shape}")
-    return m, n, k
+    return a.shape[:-2], m, n, k
 
 
-def _attributes(m, n, k, transpose_a, transpose_b) -> dict:
-    return dict(
+def _call(target, out_shape, operands, transpose_a, transpose_b, batch, m, n, k, **kw):
+    call = jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential", **kw
+    )
+    return call(
+        *operands,
         transpose_a=bool(transpose_a),
         transpose_b=bool(transpose_b),
+        batch=np.int64(np.prod(batch, dtype=np.int64)),
         m=np.int64(m),
         n=np.int64(n),
         k=np.int64(k),
     )
 
 
-def gemm(a_MK, b_KN, *, transpose_a=False, transpose_b=False):
-    """op(a) @ op(b) in float32, op transposing when asked: a is [M, K] (or [K, M]),
-    b [K, N] (or [N, K]). A transposed operand is read in place, never copied. Not
-    differentiable: callers give it a custom VJP (layers.matmul)."""
-    m, n, k = _sizes(a_MK, b_KN, transpose_a, transpose_b)
-    call = jax.ffi.ffi_call(
-        "ftlib_sgemm", jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
-    )
-    return call(a_MK, b_KN, **_attributes(m, n, k, transpose_a, transpose_b))
+def gemm(a, b, *, transpose_a=False, transpose_b=False):
+    """op(a) @ op(b) in float32 over the last two dims, op transposing when asked: a is
+    [*batch, M, K] (or [*batch, K, M]), b [*batch, K, N] (or [*batch, N, K]). A
+    transposed operand is read in place, never copied. Not differentiable: callers
+    give it a custom VJP (layers.matmul) or call it from one (the attention's)."""
+    batch, m, n, k = _sizes(a, b, transpose_a, transpose_b)
+    if 0 in (m, n, k, *batch):  # MKL wants leading dimensions >= 1
+        return jnp.zeros((*batch, m, n), jnp.float32)
+    return _call("ftlib_sgemm", (*batch, m, n), (a, b), transpose_a, transpose_b, batch, m, n, k)
 
 
-def gemm_accumulate(c_MN, a_MK, b_KN, *, transpose_a=False, transpose_b=False):
+def gemm_accumulate(c, a, b, *, transpose_a=False, transpose_b=False):
     """c + op(a) @ op(b), written into c's buffer (MKL's beta = 1): no separate add
     pass over c, e.g. the LM head's [D, V] weight gradient summed over blocks."""
-    m, n, k = _sizes(a_MK, b_KN, transpose_a, transpose_b)
-    if c_MN.shape != (m, n):
-        raise ValueError(f"gemm_accumulate: c is {c_MN.shape}, the product {(m, n)}")
-    call = jax.ffi.ffi_call(
+    batch, m, n, k = _sizes(a, b, transpose_a, transpose_b)
+    if c.shape != (*batch, m, n):
+        raise ValueError(f"gemm_accumulate: c is {c.shape}, the product {(*batch, m, n)}")
+    if 0 in (m, n, k, *batch):
+        return c
+    operands = (c, a, b)
+    return _call(
         "ftlib_sgemm_acc",
-        jax.ShapeDtypeStruct((m, n), jnp.float32),
-        vmap_method="sequential",
+        c.shape,
+        operands,
+        transpose_a,
+        transpose_b,
+        batch,
+        m,
+        n,
+        k,
         input_output_aliases={0: 0},
     )
-    return call(c_MN, a_MK, b_KN, **_attributes(m, n, k, transpose_a, transpose_b))
+
+
+def einsum_transposes(spec: str) -> tuple[bool, bool] | None:
+    """(transpose_a, transpose_b) when einsum `spec` is a batched matmul `gemm` runs:
+    both operands and the result share their leading (batch) letters in order, and the
+    last two are [rows, contracted] x [contracted, cols] -> [rows, cols] up to each
+    operand's transpose ("bkrh,bksh->bkrs": (False, True)); else None."""
+    if "..." in spec or "->" not in spec:
+        return None
+    inputs, out = spec.replace(" ", "").split("->")
+    if inputs.count(",") != 1:
+        return None
+    a, b = inputs.split(",")
+    if min(len(a), len(b), len(out)) < 2 or not (len(a) == len(b) == len(out)):
+        return None
+    if not a[:-2] == b[:-2] == out[:-2] or len(set(a + b + out)) != len(a) + 1:
+        return None
+    rows, cols = out[-2:]
+    contracted = (set(a[-2:]) & set(b[-2:])) - {rows, cols}
+    if len(contracted) != 1 or set(a[-2:]) != {rows, *contracted}:
+        return None
+    if set(b[-2:]) != {cols, *contracted}:
+        return None
+    (c,) = contracted
+    return a[-2] == c, b[-1] == c

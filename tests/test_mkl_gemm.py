@@ -34,6 +34,32 @@ def test_gemm_matches_numpy(m, n, k, transpose_a, transpose_b):
 
 
 @needs_mkl
+@pytest.mark.parametrize("batch", [(1,), (3,), (2, 5)])
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, True), (True, False)])
+def test_batched_gemm_matches_numpy(batch, transpose_a, transpose_b):
+    rng = np.random.default_rng(len(batch))
+    m, n, k = 6, 9, 4
+    a = rng.standard_normal((*batch, *((k, m) if transpose_a else (m, k))), dtype=np.float32)
+    b = rng.standard_normal((*batch, *((n, k) if transpose_b else (k, n))), dtype=np.float32)
+    want = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (
+        np.swapaxes(b, -1, -2) if transpose_b else b
+    )
+    flags = dict(transpose_a=transpose_a, transpose_b=transpose_b)
+    got = jax.jit(lambda a, b: mkl_gemm.gemm(a, b, **flags))(a, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    empty = mkl_gemm.gemm(jnp.ones((*batch, 3, 0)), jnp.ones((*batch, 0, 4)))  # K = 0
+    np.testing.assert_array_equal(empty, np.zeros((*batch, 3, 4)))
+
+
+def test_einsum_transposes_reads_batched_matmul_specs():
+    assert mkl_gemm.einsum_transposes("bkrh,bksh->bkrs") == (False, True)
+    assert mkl_gemm.einsum_transposes("bkrs,bkrh->bksh") == (True, False)
+    assert mkl_gemm.einsum_transposes("ij,jk->ik") == (False, False)
+    for spec in ("...d,rd->...r", "ij,jk->ki", "btkgh,bskh->bkgts", "ij,jk->ij", "bij,cjk->bik"):
+        assert mkl_gemm.einsum_transposes(spec) is None, spec
+
+
+@needs_mkl
 def test_gemm_under_vmap_and_mismatched_sizes():
     a = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
     b = jnp.ones((4, 5), jnp.float32)

@@ -184,9 +184,7 @@ def _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
     for i in range(n):
         q_i = q_BKRH[:, :, i * rows * G : (i + 1) * rows * G]
         end = (i + 1) * rows
-        s = jnp.einsum(
-            "bkrh,bksh->bkrs", q_i, k_BKTH[:, :, :end], preferred_element_type=jnp.float32
-        )
+        s = einsum("bkrh,bksh->bkrs", q_i, k_BKTH[:, :, :end], float32_result=True)
         s = mask_scores(s, _block_mask(mask_BTT, i, rows, G))
         p = jax.nn.softmax(s, axis=-1).astype(v_BKTH.dtype)
         outs.append(einsum("bkrs,bksh->bkrh", p, v_BKTH[:, :, :end]))
@@ -211,13 +209,11 @@ def _causal_bwd(n, res, dout_BTNH):
         r = slice(i * rows * G, (i + 1) * rows * G)
         end = (i + 1) * rows
         do_i, q_i = do_BKRH[:, :, r], q_BKRH[:, :, r]
-        dv_i = jnp.einsum("bkrs,bkrh->bksh", p, do_i, preferred_element_type=jnp.float32)
-        dp = jnp.einsum(
-            "bkrh,bksh->bkrs", do_i, v_BKTH[:, :, :end], preferred_element_type=jnp.float32
-        )
+        dv_i = einsum("bkrs,bkrh->bksh", p, do_i, float32_result=True)
+        dp = einsum("bkrh,bksh->bkrs", do_i, v_BKTH[:, :, :end], float32_result=True)
         ds = (p.astype(jnp.float32) * (dp - delta_BKR[:, :, r, None])).astype(q_i.dtype)
         dqs.append(einsum("bkrs,bksh->bkrh", ds, k_BKTH[:, :, :end]))
-        dk_i = jnp.einsum("bkrs,bkrh->bksh", ds, q_i, preferred_element_type=jnp.float32)
+        dk_i = einsum("bkrs,bkrh->bksh", ds, q_i, float32_result=True)
         dk = dk.at[:, :, :end].add(dk_i)
         dv = dv.at[:, :, :end].add(dv_i)
     dq_BKRH = jnp.concatenate(dqs, axis=2) * (H**-0.5)

@@ -88,8 +88,16 @@ def dot(a, b):
     return jnp.dot(a, b, preferred_element_type=accumulation_dtype(a, b)).astype(out_dtype)
 
 
-def einsum(spec: str, a, b):
-    """jnp.einsum(spec, a, b) in the inputs' dtype, accumulating as `dot` does."""
+def einsum(spec: str, a, b, *, float32_result: bool = False):
+    """jnp.einsum(spec, a, b) in the inputs' dtype (or float32), accumulating as `dot`
+    does. Batched matmuls of fp32 operands (`mkl_gemm.einsum_transposes`, e.g. the
+    attention's) run in MKL where `mkl_gemm.applies`: XLA:CPU's kernels run those
+    small [128, S] x [S, 64] products at ~60-100 GFLOP/s (benchmarks/README.md)."""
+    transposes = mkl_gemm.einsum_transposes(spec)
+    if transposes is not None and a.ndim == b.ndim and mkl_gemm.applies(a, b):
+        return mkl_gemm.gemm(a, b, transpose_a=transposes[0], transpose_b=transposes[1])
+    if float32_result:
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
     out_dtype = jnp.result_type(a, b)
     acc = accumulation_dtype(a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=acc).astype(out_dtype)
