@@ -180,6 +180,18 @@ def _xla_batched_products():
     return _patched(mkl_gemm, "einsum_transposes", lambda spec: None)
 
 
+def _xla_lora_products():
+    """LoRA's rank-r products in XLA's kernels, the rest as ftlib runs it."""
+    from ftlib import mkl_gemm
+    from ftlib.peft import lora
+
+    class NoMkl:
+        def __getattr__(self, name):
+            return (lambda *a: False) if name == "applies" else getattr(mkl_gemm, name)
+
+    return _patched(lora, "mkl_gemm", NoMkl())
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -201,6 +213,7 @@ VARIANTS = {
     "argmax_accuracy": _argmax_accuracy,
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,
+    "xla_lora_products": _xla_lora_products,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

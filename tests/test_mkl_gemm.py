@@ -139,3 +139,39 @@ def test_tiny_training_run_logs_the_same_losses_with_either_products(monkeypatch
         losses[mode] = [r["loss"] for r in rows if r["split"] in ("train", "val")]
     assert len(losses["mkl"]) >= 2
     np.testing.assert_allclose(losses["mkl"], losses["xla"], rtol=1e-4)
+
+
+@needs_mkl
+def test_lora_product_values_and_gradients_match_xla(monkeypatch):
+    from ftlib.peft.lora import lora_product
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 7, 12), dtype=np.float32))
+    a = jnp.asarray(rng.standard_normal((4, 12), dtype=np.float32))
+    b = jnp.asarray(rng.standard_normal((4, 10), dtype=np.float32))
+    g = jnp.asarray(rng.standard_normal((2, 7, 10), dtype=np.float32))
+
+    def value_and_grads(x, a, b):
+        y, vjp = jax.vjp(lambda x, a, b: lora_product(0.5, x, a, b), x, a, b)
+        return (y, *vjp(g))
+
+    for got, want in zip(*_in_both(monkeypatch, value_and_grads, x, a, b)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_causal_attention_matches_xla(monkeypatch):
+    from ftlib.models.attention import causal_attention
+
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 16, 4, 8), dtype=np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8), dtype=np.float32)) for _ in "kv")
+    g = jnp.asarray(rng.standard_normal((2, 16, 4, 8), dtype=np.float32))
+
+    def value_and_grads(q, k, v):
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((16, 16), bool)), (2, 16, 16))
+        y, vjp = jax.vjp(lambda q, k, v: causal_attention(q, k, v, mask, 4), q, k, v)
+        return (y, *vjp(g))
+
+    for got, want in zip(*_in_both(monkeypatch, value_and_grads, q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

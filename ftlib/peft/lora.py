@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftlib import mkl_gemm
 from ftlib.models.layers import Linear, accumulation_dtype, dot, einsum, param
 from ftlib.peft.surgery import replace_modules
 
@@ -82,6 +83,11 @@ def lora_product(scale: float, x_TD, a_RD, b_RO):
 
 
 def _lora_product_fwd(scale, x_TD, a_RD, b_RO):
+    if a_RD.ndim == 2 and mkl_gemm.applies(x_TD, a_RD, b_RO):  # fp32 on one CPU device
+        lead = x_TD.shape[:-1]
+        xa_NR = mkl_gemm.gemm(x_TD.reshape(-1, x_TD.shape[-1]), a_RD, transpose_b=True) * scale
+        y_NO = mkl_gemm.gemm(xa_NR, b_RO)
+        return y_NO.reshape(*lead, -1), (x_TD, a_RD, b_RO, xa_NR.reshape(*lead, -1))
     xa_TR = einsum("...d,rd->...r", x_TD, a_RD) * scale
     return dot(xa_TR, b_RO), (x_TD, a_RD, b_RO, xa_TR)
 
@@ -96,6 +102,11 @@ def _lora_product_bwd(scale, res, g_TO):
     x_TD, a_RD, b_RO, xa_TR = res
     x_ND, g_NO = x_TD.reshape(-1, x_TD.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
     xa_NR = xa_TR.reshape(-1, xa_TR.shape[-1])
+    if a_RD.ndim == 2 and mkl_gemm.applies(x_ND, g_NO, a_RD, b_RO):  # operands read in place
+        dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * scale
+        dx_TD = mkl_gemm.gemm(dxa_NR, a_RD).reshape(x_TD.shape)
+        da_RD = mkl_gemm.gemm(dxa_NR, x_ND, transpose_a=True)
+        return dx_TD, da_RD, mkl_gemm.gemm(xa_NR, g_NO, transpose_a=True)
     dxa_NR = dot(g_NO, b_RO.T) * scale
     dx_TD = dot(dxa_NR, a_RD).reshape(x_TD.shape)
     acc = accumulation_dtype(x_ND, g_NO)
