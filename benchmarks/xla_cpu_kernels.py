@@ -1,6 +1,6 @@
 """The train step's products on the CPU by library, each in its own process: XLA with
-YNNPACK (its default), XLA with oneDNN fusions, numpy's BLAS and torch; and XLA's
-transpose against a copy.
+YNNPACK, XLA with oneDNN fusions, ftlib's MKL custom call (its fp32 default on one CPU
+device), numpy's BLAS and torch; and XLA's transpose against a copy.
 
   python benchmarks/xla_cpu_kernels.py --processes=2 --out results/xla_cpu_kernels.json
 
@@ -28,7 +28,7 @@ ONEDNN = {
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_experimental_ynn_fusion_type": "",
 }
-LIBRARIES = ("ynnpack", "onednn", "numpy", "torch")
+LIBRARIES = ("ynnpack", "onednn", "mkl", "numpy", "torch")
 # name -> (lhs shape, rhs shape, transpose rhs (g @ W^T), FLOPs); the last is batched.
 CASES = {
     "x[2048,512] @ W[512,1376] (gate, up)": ((2048, 512), (512, 1376), False),
@@ -60,6 +60,18 @@ def _product(library: str, transpose_rhs: bool):
             a, b = jnp.asarray(a), jnp.asarray(b)
             lowered = jax.jit(f).lower(a, b)
             run = lowered.compile(ONEDNN if library == "onednn" else None)
+            return lambda: run(a, b).block_until_ready()
+
+        return compiled
+    if library == "mkl":  # ftlib's products: sequential MKL on XLA's pool (ftlib.mkl_gemm)
+        import jax
+        import jax.numpy as jnp
+
+        from ftlib import mkl_gemm
+
+        def compiled(a, b):
+            a, b = jnp.asarray(a), jnp.asarray(b)
+            run = jax.jit(lambda a, b: mkl_gemm.gemm(a, b, transpose_b=transpose_rhs))
             return lambda: run(a, b).block_until_ready()
 
         return compiled
