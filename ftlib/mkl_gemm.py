@@ -133,6 +133,9 @@ def _sizes(a, b, transpose_a, transpose_b):
 
 
 def _call(target, out_shape, operands, transpose_a, transpose_b, batch, m, n, k, **kw):
+    reason = _load()  # registers the targets on first use
+    if reason is not None:
+        raise Unavailable(reason)
     call = jax.ffi.ffi_call(
         target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential", **kw
     )

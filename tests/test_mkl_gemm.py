@@ -69,6 +69,21 @@ def test_gemm_under_vmap_and_mismatched_sizes():
         mkl_gemm.gemm(a[0], b.T)
 
 
+@needs_mkl
+def test_gemm_registers_the_kernel_on_first_use():
+    """A fresh process calling gemm before anything asked `applies` (a benchmark)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp; from ftlib import mkl_gemm; "
+        "print(float(jax.jit(mkl_gemm.gemm)(jnp.ones((3, 4)), jnp.ones((4, 5))).sum()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "60.0"
+
+
 def test_applies_only_to_float32_and_follows_the_switch(monkeypatch):
     x = jnp.ones((4, 4), jnp.float32)
     assert not mkl_gemm.applies(x.astype(jnp.bfloat16), x)
