@@ -1,10 +1,10 @@
 """fp32 products on CPU through MKL: XLA FFI custom calls built from mkl_gemm.cc.
 
-On a 2-vCPU Xeon the train step's big fp32 products (projections, their gradients,
-the fused LM head) run 1.1-1.4x faster in sequential MKL, one output slice per thread
-of XLA's pool, than in XLA's own kernels, and llama-small steps take ~0.9x the time
-(benchmarks/README.md). The models call `applies` at trace time and keep XLA's
-products wherever it says no.
+On a 2-vCPU Xeon the train step's fp32 products (projections and their gradients, the
+fused LM head, the causal attention's batched products, LoRA's) run 1.1-2.7x faster in
+sequential MKL, one output slice (or batch share) per thread of XLA's pool, than in
+XLA's own kernels; llama-tiny full steps take 0.80x the time (benchmarks/README.md).
+The models call `applies` at trace time and keep XLA's products wherever it says no.
 
 The kernel is compiled on first use with the C++ compiler (`$CXX`, else g++) against
 jaxlib's FFI headers, and cached in `$FTLIB_CACHE/kernels` (default ~/.cache/ftlib)
@@ -48,7 +48,7 @@ class Unavailable(FtlibError):
 def choice() -> str:
     value = os.environ.get("FTLIB_CPU_GEMM", "auto")
     if value not in CHOICES:
-        raise ValueError(f"FTLIB_CPU_GEMM={value!r}: expected one of {CHOICES}")
+        raise FtlibError(f"FTLIB_CPU_GEMM={value!r}: expected one of {CHOICES}")
     return value
 
 

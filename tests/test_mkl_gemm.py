@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ftlib import mkl_gemm
+from ftlib.errors import FtlibError
 from ftlib.linear_cross_entropy import linear_cross_entropy
 from ftlib.models.layers import matmul
 
@@ -90,7 +91,7 @@ def test_applies_only_to_float32_and_follows_the_switch(monkeypatch):
     monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
     assert not mkl_gemm.applies(x, x)
     monkeypatch.setenv("FTLIB_CPU_GEMM", "blas")
-    with pytest.raises(ValueError, match="FTLIB_CPU_GEMM='blas'"):
+    with pytest.raises(FtlibError, match="FTLIB_CPU_GEMM='blas'"):
         mkl_gemm.applies(x, x)
 
 
