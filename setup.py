@@ -26,7 +26,7 @@ setup(
         "tqdm",
         "tensorboardX",
         # fp32 CPU products in MKL (ftlib/mkl_gemm.py); elsewhere they stay in XLA.
-        'mkl; platform_system == "Linux" and platform_machine == "x86_64"',
+        'mkl>=2025; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
     extras_require={
         "test": ["pytest>=8", "matplotlib"],  # matplotlib: the notebooks run in the suite
