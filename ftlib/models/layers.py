@@ -94,7 +94,8 @@ def einsum(spec: str, a, b, *, float32_result: bool = False):
     attention's) run in MKL where `mkl_gemm.applies`: XLA:CPU's kernels run those
     small [128, S] x [S, 64] products at ~60-100 GFLOP/s (benchmarks/README.md)."""
     transposes = mkl_gemm.einsum_transposes(spec)
-    if transposes is not None and a.ndim == b.ndim and mkl_gemm.applies(a, b):
+    same_batch = a.ndim == b.ndim and a.shape[:-2] == b.shape[:-2]  # no broadcasting
+    if transposes is not None and same_batch and mkl_gemm.applies(a, b):
         return mkl_gemm.gemm(a, b, transpose_a=transposes[0], transpose_b=transposes[1])
     if float32_result:
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
@@ -116,25 +117,25 @@ def accumulation_dtype(*operands):
 def matmul(x_TI, w_IO):
     """x @ w over the last dim of x, with a backward that XLA compiles well on CPU.
     fp32 products on one CPU device run in MKL (ftlib.mkl_gemm) when it is available."""
-    if w_IO.ndim == 2 and mkl_gemm.applies(x_TI, w_IO):
-        y_NO = mkl_gemm.gemm(x_TI.reshape(-1, x_TI.shape[-1]), w_IO)
-        return y_NO.reshape(*x_TI.shape[:-1], w_IO.shape[-1])
-    return dot(x_TI, w_IO)
+    return _matmul_fwd(x_TI, w_IO)[0]
 
 
 def _matmul_fwd(x_TI, w_IO):
-    return matmul(x_TI, w_IO), (x_TI, w_IO)
+    if w_IO.ndim == 2 and mkl_gemm.applies(x_TI, w_IO):
+        y_NO = mkl_gemm.gemm(x_TI.reshape(-1, x_TI.shape[-1]), w_IO)
+        return y_NO.reshape(*x_TI.shape[:-1], w_IO.shape[-1]), (x_TI, w_IO)
+    return dot(x_TI, w_IO), (x_TI, w_IO)
 
 
 def _matmul_bwd(res, g_TO):
     """Autodiff's dw contracts x and g over their leading (token) dim, and XLA then
     transposes one of them in memory, often the wide gradient, fused with the
     elementwise work that produces it (a slow strided loop on CPU). Transposing x
-    explicitly (the barrier stops XLA folding it back into the dot) is cheaper.
-    When w is frozen dw is unused and XLA drops it."""
+    explicitly (the barrier stops XLA folding it back into the dot) is cheaper;
+    MKL reads x transposed in place. When w is frozen dw is unused and XLA drops it."""
     x_TI, w_IO = res
     x_NI, g_NO = x_TI.reshape(-1, x_TI.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
-    if w_IO.ndim == 2 and mkl_gemm.applies(x_TI, w_IO, g_TO):  # MKL reads x^T in place
+    if w_IO.ndim == 2 and mkl_gemm.applies(x_TI, w_IO, g_TO):
         dx_NI = mkl_gemm.gemm(g_NO, w_IO, transpose_b=True)
         return dx_NI.reshape(x_TI.shape), mkl_gemm.gemm(x_NI, g_NO, transpose_a=True)
     x_IN = jax.lax.optimization_barrier(x_NI.T)
