@@ -85,6 +85,28 @@ def test_gemm_registers_the_kernel_on_first_use():
     assert done.stdout.strip().splitlines()[-1] == "60.0"
 
 
+def test_without_a_compiler_products_stay_in_xla_or_the_switch_fails(tmp_path):
+    """A fresh process, an empty kernel cache and no compiler: `auto` warns once and
+    keeps XLA's products; `mkl` is an FtlibError naming the reason."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax.numpy as jnp; from ftlib import mkl_gemm; x = jnp.ones((2, 2)); "
+        "print('applies', mkl_gemm.applies(x, x))"
+    )
+    env = {**os.environ, "FTLIB_CACHE": str(tmp_path), "CXX": "no-such-compiler"}
+    auto = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert auto.stdout.strip().endswith("applies False")
+    assert "fp32 CPU products stay in XLA: no C++ compiler" in auto.stderr
+    env["FTLIB_CPU_GEMM"] = "mkl"
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert forced.returncode != 0
+    assert "Unavailable: FTLIB_CPU_GEMM=mkl: no C++ compiler" in forced.stderr  # an FtlibError
+
+
 def test_applies_only_to_float32_and_follows_the_switch(monkeypatch):
     x = jnp.ones((4, 4), jnp.float32)
     assert not mkl_gemm.applies(x.astype(jnp.bfloat16), x)
