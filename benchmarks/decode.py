@@ -14,8 +14,12 @@ whole padded sequence (prompt bucket + new tokens); with it, one token per step.
 import argparse
 import json
 import os
+import pathlib
 import statistics
+import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
 
 PROMPT = "Write a short story about a robot who learns to paint, in three sentences."
 
