@@ -1,8 +1,9 @@
-// fp32 GEMMs for XLA:CPU as FFI custom calls into sequential MKL, one slice of the
-// output per thread of XLA's intra-op pool. Built and registered by ftlib/mkl_gemm.py.
+// fp32 GEMMs for XLA:CPU as FFI custom calls into sequential MKL, one output slice (or
+// share of the batch) per thread of XLA's intra-op pool. Built and registered by
+// ftlib/mkl_gemm.py.
 //
 // Why: on a 2-vCPU Sapphire Rapids Xeon, sequential MKL reaches ~150 GFLOP/s on one
-// core, and XLA's own fp32 products 150-230 on both (benchmarks/README.md). Running
+// core, and XLA's own fp32 products 130-200 on both (benchmarks/README.md). Running
 // MKL on XLA's pool (not MKL's OpenMP team) keeps one set of threads on the cores.
 //
 //   ftlib_sgemm:     C[i] = op(A[i]) @ op(B[i])
