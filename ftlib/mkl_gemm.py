@@ -94,7 +94,7 @@ def _load() -> str | None:
         mkl_rt = _mkl_rt()
         if library.FtlibMklInit(str(mkl_rt).encode()) != 0:
             raise Unavailable(f"could not load MKL from {mkl_rt}")
-    except Unavailable as e:
+    except (Unavailable, OSError) as e:  # OSError: an unwritable cache, a bad .so
         logging.warning("ftlib: fp32 CPU products stay in XLA: %s", e)
         return str(e)
     for target, symbol in TARGETS.items():

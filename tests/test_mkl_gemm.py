@@ -107,6 +107,24 @@ def test_without_a_compiler_products_stay_in_xla_or_the_switch_fails(tmp_path):
     assert "Unavailable: FTLIB_CPU_GEMM=mkl: no C++ compiler" in forced.stderr  # an FtlibError
 
 
+def test_an_unwritable_kernel_cache_keeps_xla_products(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    code = (
+        "import jax.numpy as jnp; from ftlib import mkl_gemm; x = jnp.ones((2, 2)); "
+        "print('applies', mkl_gemm.applies(x, x))"
+    )
+    env = {**os.environ, "FTLIB_CACHE": str(blocker / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("applies False")
+    assert "fp32 CPU products stay in XLA" in done.stderr
+
+
 def test_applies_only_to_float32_and_follows_the_switch(monkeypatch):
     x = jnp.ones((4, 4), jnp.float32)
     assert not mkl_gemm.applies(x.astype(jnp.bfloat16), x)
