@@ -22,6 +22,7 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -64,7 +65,7 @@ def _mkl_rt() -> pathlib.Path:
 
 
 def _build() -> pathlib.Path:
-    """Compiles mkl_gemm.cc once per source and jaxlib version -> the cached .so."""
+    """Compiles mkl_gemm.cc once per source and jax version -> the cached .so."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + jax.__version__.encode()).hexdigest()[:16]
     cache = assets.cache_dir() / "kernels"
@@ -112,7 +113,8 @@ def applies(*operands) -> bool:
         return False
     if any(jnp.result_type(x) != jnp.float32 for x in operands):
         return False
-    if any(d > MAX_DIM for x in operands for d in jnp.shape(x)):
+    # Leading dims are merged into the rows, and rows are a leading dimension too.
+    if any(max(math.prod(jnp.shape(x)[:-1]), *jnp.shape(x)[-1:]) > MAX_DIM for x in operands):
         return False
     reason = _load()
     if reason is not None and mode == "mkl":

@@ -128,6 +128,8 @@ def test_an_unwritable_kernel_cache_keeps_xla_products(tmp_path):
 def test_applies_only_to_float32_and_follows_the_switch(monkeypatch):
     x = jnp.ones((4, 4), jnp.float32)
     assert not mkl_gemm.applies(x.astype(jnp.bfloat16), x)
+    huge_rows = jax.ShapeDtypeStruct((2**16, 2**16, 4), jnp.float32)  # 2^32 rows merged
+    assert not mkl_gemm.applies(huge_rows, x)
     monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
     assert not mkl_gemm.applies(x, x)
     monkeypatch.setenv("FTLIB_CPU_GEMM", "blas")
