@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #include <dlfcn.h>
 
@@ -127,29 +128,29 @@ extern "C" int FtlibMklInit(const char* mkl_rt_path) {
   return 0;
 }
 
+// The attributes both targets take after their buffers.
+template <typename Binding>
+auto WithGemmAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<bool>("transpose_a")
+      .template Attr<bool>("transpose_b")
+      .template Attr<int64_t>("batch")
+      .template Attr<int64_t>("m")
+      .template Attr<int64_t>("n")
+      .template Attr<int64_t>("k");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemm, Sgemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b")
-                                  .Attr<int64_t>("batch")
-                                  .Attr<int64_t>("m")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("k"));
+                              WithGemmAttrs(ffi::Ffi::Bind()
+                                                .Ctx<ffi::ThreadPool>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemmAcc, SgemmAcc,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b")
-                                  .Attr<int64_t>("batch")
-                                  .Attr<int64_t>("m")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("k"));
+                              WithGemmAttrs(ffi::Ffi::Bind()
+                                                .Ctx<ffi::ThreadPool>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()));
