@@ -19,9 +19,12 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
+import types
+from unittest import mock
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -157,20 +160,9 @@ def _adapter_in_product():
     return _patched(LoRALinear, "__call__", lora_in_product.lora_call)
 
 
-@contextlib.contextmanager
 def _xla_gemm():
     """fp32 CPU products in XLA's kernels instead of MKL's (FTLIB_CPU_GEMM=xla)."""
-    import os
-
-    old = os.environ.get("FTLIB_CPU_GEMM")
-    os.environ["FTLIB_CPU_GEMM"] = "xla"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FTLIB_CPU_GEMM"]
-        else:
-            os.environ["FTLIB_CPU_GEMM"] = old
+    return mock.patch.dict(os.environ, {"FTLIB_CPU_GEMM": "xla"})
 
 
 def _xla_batched_products():
@@ -182,14 +174,9 @@ def _xla_batched_products():
 
 def _xla_lora_products():
     """LoRA's rank-r products in XLA's kernels, the rest as ftlib runs it."""
-    from ftlib import mkl_gemm
     from ftlib.peft import lora
 
-    class NoMkl:
-        def __getattr__(self, name):
-            return (lambda *a: False) if name == "applies" else getattr(mkl_gemm, name)
-
-    return _patched(lora, "mkl_gemm", NoMkl())
+    return _patched(lora, "mkl_gemm", types.SimpleNamespace(applies=lambda *operands: False))
 
 
 VARIANTS = {

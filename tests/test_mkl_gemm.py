@@ -1,6 +1,10 @@
 """The MKL products (ftlib/mkl_gemm.py) against numpy, and the model code that calls
 them against XLA's products: the same values and gradients either way."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,9 +77,6 @@ def test_gemm_under_vmap_and_mismatched_sizes():
 @needs_mkl
 def test_gemm_registers_the_kernel_on_first_use():
     """A fresh process calling gemm before anything asked `applies` (a benchmark)."""
-    import subprocess
-    import sys
-
     code = (
         "import jax, jax.numpy as jnp; from ftlib import mkl_gemm; "
         "print(float(jax.jit(mkl_gemm.gemm)(jnp.ones((3, 4)), jnp.ones((4, 5))).sum()))"
@@ -85,41 +86,35 @@ def test_gemm_registers_the_kernel_on_first_use():
     assert done.stdout.strip().splitlines()[-1] == "60.0"
 
 
-def test_without_a_compiler_products_stay_in_xla_or_the_switch_fails(tmp_path):
-    """A fresh process, an empty kernel cache and no compiler: `auto` warns once and
-    keeps XLA's products; `mkl` is an FtlibError naming the reason."""
-    import os
-    import subprocess
-    import sys
-
+def _applies_in_fresh_process(**env):
+    """`mkl_gemm.applies` asked in a new process (its kernel load is once per process)
+    with these environment variables -> the finished process."""
     code = (
         "import jax.numpy as jnp; from ftlib import mkl_gemm; x = jnp.ones((2, 2)); "
         "print('applies', mkl_gemm.applies(x, x))"
     )
-    env = {**os.environ, "FTLIB_CACHE": str(tmp_path), "CXX": "no-such-compiler"}
-    auto = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}
+    )
+
+
+def test_without_a_compiler_products_stay_in_xla_or_the_switch_fails(tmp_path):
+    """A fresh process, an empty kernel cache and no compiler: `auto` warns once and
+    keeps XLA's products; `mkl` is an FtlibError naming the reason."""
+    env = {"FTLIB_CACHE": str(tmp_path), "CXX": "no-such-compiler"}
+    auto = _applies_in_fresh_process(**env)
     assert auto.returncode == 0, auto.stderr[-2000:]
     assert auto.stdout.strip().endswith("applies False")
     assert "fp32 CPU products stay in XLA: no C++ compiler" in auto.stderr
-    env["FTLIB_CPU_GEMM"] = "mkl"
-    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    forced = _applies_in_fresh_process(**env, FTLIB_CPU_GEMM="mkl")
     assert forced.returncode != 0
     assert "Unavailable: FTLIB_CPU_GEMM=mkl: no C++ compiler" in forced.stderr  # an FtlibError
 
 
 def test_an_unwritable_kernel_cache_keeps_xla_products(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    code = (
-        "import jax.numpy as jnp; from ftlib import mkl_gemm; x = jnp.ones((2, 2)); "
-        "print('applies', mkl_gemm.applies(x, x))"
-    )
-    env = {**os.environ, "FTLIB_CACHE": str(blocker / "cache")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    done = _applies_in_fresh_process(FTLIB_CACHE=str(blocker / "cache"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("applies False")
     assert "fp32 CPU products stay in XLA" in done.stderr
