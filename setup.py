@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Parameter-efficient fine-tuning of LLMs in JAX / Flax NNX",
     packages=find_packages(include=["ftlib", "ftlib.*"]),
-    package_data={"ftlib": ["*.cc"]},  # compiled on first use (ftlib/mkl_gemm.py)
+    package_data={"ftlib": ["*.cc", "*.h"]},  # compiled on first use (ftlib/ffi_kernels.py)
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.11",

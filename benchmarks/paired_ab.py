@@ -179,6 +179,13 @@ def _xla_lora_products():
     return _patched(lora, "mkl_gemm", types.SimpleNamespace(applies=lambda *operands: False))
 
 
+def _xla_softmax_xent():
+    """The LM head's per-block softmax cross-entropy in XLA's ops, not softmax_xent.cc."""
+    from ftlib import linear_cross_entropy as lce
+
+    return _patched(lce, "softmax_xent", types.SimpleNamespace(applies=lambda logits: False))
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -201,6 +208,7 @@ VARIANTS = {
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,
     "xla_lora_products": _xla_lora_products,
+    "xla_softmax_xent": _xla_softmax_xent,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

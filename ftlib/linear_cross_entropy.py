@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ftlib import mkl_gemm
+from ftlib import mkl_gemm, softmax_xent
 
 
 def block_rows(D: int) -> int:
@@ -78,6 +78,24 @@ def _blocks(x_BT, t):
     return jnp.moveaxis(x_BT.reshape(B, T // t, t, *x_BT.shape[2:]), 1, 0)
 
 
+def _softmax_xent(logits_NV, tgt_N, wt_N, dtype):
+    """XLA's ops for softmax_xent.rows -> ((nll sum, correct sum), g_NV in dtype); XLA
+    drops g when no gradient uses it."""
+    V = logits_NV.shape[-1]
+    # One exp pass serves both the loss and the softmax of the gradient.
+    max_N = jnp.max(logits_NV, axis=-1)
+    exp_NV = jnp.exp(logits_NV - max_N[:, None])
+    sum_N = jnp.sum(exp_NV, axis=-1)
+    gold_N = jnp.take_along_axis(logits_NV, tgt_N[:, None], axis=-1)[:, 0]
+    sums = (
+        jnp.sum((max_N + jnp.log(sum_N) - gold_N) * wt_N),
+        jnp.sum(is_first_max(logits_NV, max_N, tgt_N) * wt_N),
+    )
+    onehot_NV = jnp.arange(V)[None, :] == tgt_N[:, None]
+    g_NV = (exp_NV * (wt_N / sum_N)[:, None] - onehot_NV * wt_N[:, None]).astype(dtype)
+    return sums, g_NV
+
+
 def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_dw):
     """One pass over the blocks -> ((nll, correct), dh_BTD or None, dw or None), the
     gradients being those of nll for a unit cotangent."""
@@ -98,19 +116,16 @@ def _scan(vocab_major, dtype, t, h_BTD, w, targets_BT, weight_BT, need_dh, need_
             logits_NV = jax.lax.dot_general(
                 h_ND, w_c, (((1,), (contract_w,)), ((), ())), preferred_element_type=jnp.float32
             )
-        # One exp pass serves both the loss and the softmax of the gradient.
-        max_N = jnp.max(logits_NV, axis=-1)
-        exp_NV = jnp.exp(logits_NV - max_N[:, None])
-        sum_N = jnp.sum(exp_NV, axis=-1)
-        gold_N = jnp.take_along_axis(logits_NV, tgt_N[:, None], axis=-1)[:, 0]
-        sums = (
-            jnp.sum((max_N + jnp.log(sum_N) - gold_N) * wt_N),
-            jnp.sum(is_first_max(logits_NV, max_N, tgt_N) * wt_N),
-        )
+        if softmax_xent.applies(logits_NV):  # one C++ pass per row
+            g_NV, nll_N, correct_N = softmax_xent.rows(
+                logits_NV, tgt_N, wt_N, gradient=need_dh or need_dw
+            )
+            sums = (jnp.sum(nll_N), jnp.sum(correct_N))
+            g_NV = g_NV.astype(dtype)
+        else:
+            sums, g_NV = _softmax_xent(logits_NV, tgt_N, wt_N, dtype)
         dh = None
         if need_dh or need_dw:
-            onehot_NV = jnp.arange(V)[None, :] == tgt_N[:, None]
-            g_NV = (exp_NV * (wt_N / sum_N)[:, None] - onehot_NV * wt_N[:, None]).astype(dtype)
             if need_dh and mkl:
                 dh = mkl_gemm.gemm(g_NV, w_c, transpose_b=not vocab_major)
                 dh = dh.astype(out_dtype).reshape(b, -1, D)

@@ -12,14 +12,12 @@
 // transpose_b), row-major and dense.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <utility>
 
 #include <dlfcn.h>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -55,41 +53,22 @@ struct Gemm {
 };
 
 // The work cut into units: whole products when there are at least as many as threads,
-// else each product's output cut along its longer side. Each pool thread, and the
-// calling thread, claims units until none is left, so the call never waits on a task
-// that has not started: a busy pool cannot deadlock it, only leave the caller more work.
-struct Units {
-  Gemm gemm;
-  int64_t per_product, count;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Drain() {
-    for (int64_t u; (u = next.fetch_add(1)) < count;) {
-      int64_t i = u / per_product, p = u % per_product;
-      bool rows = gemm.m >= gemm.n;
-      int64_t size = rows ? gemm.m : gemm.n;
-      int64_t lo = size * p / per_product, hi = size * (p + 1) / per_product;
-      if (rows) {
-        gemm.Run(i, lo, hi, 0, gemm.n);
-      } else {
-        gemm.Run(i, 0, gemm.m, lo, hi);
-      }
-      done.fetch_add(1);
-    }
-  }
-};
-
+// else each product's output cut along its longer side.
 void RunOnPool(ffi::ThreadPool& pool, const Gemm& gemm) {
-  auto units = std::make_shared<Units>();
-  units->gemm = gemm;
   int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   int64_t cut = gemm.batch >= threads ? 1 : (threads + gemm.batch - 1) / gemm.batch;
-  units->per_product = std::max<int64_t>(std::min(cut, std::max(gemm.m, gemm.n)), 1);
-  units->count = gemm.batch * units->per_product;
-  int64_t helpers = std::min(threads, units->count) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->Drain(); });
-  units->Drain();
-  while (units->done.load() < units->count) std::this_thread::yield();
+  int64_t per_product = std::max<int64_t>(std::min(cut, std::max(gemm.m, gemm.n)), 1);
+  ftlib::ParallelFor(pool, gemm.batch * per_product, [gemm, per_product](int64_t u) {
+    int64_t i = u / per_product, p = u % per_product;
+    bool rows = gemm.m >= gemm.n;
+    int64_t size = rows ? gemm.m : gemm.n;
+    int64_t lo = size * p / per_product, hi = size * (p + 1) / per_product;
+    if (rows) {
+      gemm.Run(i, lo, hi, 0, gemm.n);
+    } else {
+      gemm.Run(i, 0, gemm.m, lo, hi);
+    }
+  });
 }
 
 ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,

@@ -6,51 +6,27 @@ sequential MKL, one output slice (or batch share) per thread of XLA's pool, than
 XLA's own kernels; llama-tiny full steps take 0.80x the time (benchmarks/README.md).
 The models call `applies` at trace time and keep XLA's products wherever it says no.
 
-The kernel is compiled on first use with the C++ compiler (`$CXX`, else g++) against
-jaxlib's FFI headers, and cached in `$FTLIB_CACHE/kernels` (default ~/.cache/ftlib)
-by a hash of its source and jax's version. MKL comes from the `mkl` wheel (an
-x86-64 Linux dependency of ftlib), loaded privately in its sequential layer.
-
-`FTLIB_CPU_GEMM` picks: `auto` (default: MKL when available), `xla` (never), `mkl`
-(always on CPU for fp32, and an error when the kernel cannot be built).
+The kernel is built on first use (ftlib.ffi_kernels: the compiler, the cache, the
+`FTLIB_CPU_GEMM` switch). MKL comes from the `mkl` wheel (an x86-64 Linux dependency
+of ftlib), loaded privately in its sequential layer.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import importlib.metadata
-import logging
 import math
-import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlib import assets
-from ftlib.errors import FtlibError
+from ftlib import ffi_kernels
+from ftlib.ffi_kernels import Unavailable
 
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 TARGETS = {"ftlib_sgemm": "FtlibSgemm", "ftlib_sgemm_acc": "FtlibSgemmAcc"}
-CHOICES = ("auto", "xla", "mkl")
 MAX_DIM = 2**31 - 1  # MKL's LP64 interface takes int sizes
-
-
-class Unavailable(FtlibError):
-    """The MKL kernel cannot be used here (no MKL, no compiler, a failed build)."""
-
-
-def choice() -> str:
-    value = os.environ.get("FTLIB_CPU_GEMM", "auto")
-    if value not in CHOICES:
-        raise FtlibError(f"FTLIB_CPU_GEMM={value!r}: expected one of {CHOICES}")
-    return value
 
 
 def _mkl_rt() -> pathlib.Path:
@@ -64,62 +40,23 @@ def _mkl_rt() -> pathlib.Path:
     raise Unavailable("the `mkl` package has no libmkl_rt.so")
 
 
-def _build() -> pathlib.Path:
-    """Compiles mkl_gemm.cc once per source and jax version -> the cached .so."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.__version__.encode()).hexdigest()[:16]
-    cache = assets.cache_dir() / "kernels"
-    library = cache / f"mkl_gemm-{key}.so"
-    if library.exists():
-        return library
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise Unavailable("no C++ compiler ($CXX or g++) to build ftlib/mkl_gemm.cc")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then an atomic rename
-        built = pathlib.Path(tmp) / library.name
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
-        cmd += [f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built), "-ldl"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise Unavailable(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
-        os.replace(built, library)
-    return library
+def _init_mkl(library) -> None:
+    mkl_rt = _mkl_rt()
+    if library.FtlibMklInit(str(mkl_rt).encode()) != 0:
+        raise Unavailable(f"could not load MKL from {mkl_rt}")
 
 
-@functools.cache
-def _load() -> str | None:
-    """Builds, loads and registers the kernel -> None, or why it is unavailable."""
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
-        mkl_rt = _mkl_rt()
-        if library.FtlibMklInit(str(mkl_rt).encode()) != 0:
-            raise Unavailable(f"could not load MKL from {mkl_rt}")
-    except (Unavailable, OSError) as e:  # OSError: an unwritable cache, a bad .so
-        logging.warning("ftlib: fp32 CPU products stay in XLA: %s", e)
-        return str(e)
-    for target, symbol in TARGETS.items():
-        capsule = jax.ffi.pycapsule(getattr(library, symbol))
-        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
-    return None
+KERNEL = ffi_kernels.Kernel(SOURCE, TARGETS, "fp32 CPU products stay in XLA", _init_mkl)
 
 
 def applies(*operands) -> bool:
     """Whether products of these operands go to MKL: float32 operands on a one-device
     CPU backend (a custom call has no sharding rule, so sharded steps keep XLA's), the
     kernel available and FTLIB_CPU_GEMM not `xla`."""
-    mode = choice()
-    if mode == "xla" or jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return False
-    if any(jnp.result_type(x) != jnp.float32 for x in operands):
-        return False
     # Leading dims are merged into the rows, and rows are a leading dimension too.
     if any(max(math.prod(jnp.shape(x)[:-1]), *jnp.shape(x)[-1:]) > MAX_DIM for x in operands):
         return False
-    reason = _load()
-    if reason is not None and mode == "mkl":
-        raise Unavailable(f"FTLIB_CPU_GEMM=mkl: {reason}")
-    return reason is None
+    return KERNEL.applies(*operands)
 
 
 def _sizes(a, b, transpose_a, transpose_b):
@@ -135,13 +72,9 @@ def _sizes(a, b, transpose_a, transpose_b):
 
 
 def _call(target, out_shape, operands, transpose_a, transpose_b, batch, m, n, k, **kw):
-    reason = _load()  # registers the targets on first use
-    if reason is not None:
-        raise Unavailable(reason)
-    call = jax.ffi.ffi_call(
-        target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential", **kw
-    )
-    return call(
+    return KERNEL.call(
+        target,
+        jax.ShapeDtypeStruct(out_shape, jnp.float32),
         *operands,
         transpose_a=bool(transpose_a),
         transpose_b=bool(transpose_b),
@@ -149,6 +82,7 @@ def _call(target, out_shape, operands, transpose_a, transpose_b, batch, m, n, k,
         m=np.int64(m),
         n=np.int64(n),
         k=np.int64(k),
+        **kw,
     )
 
 

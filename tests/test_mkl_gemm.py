@@ -16,8 +16,8 @@ from ftlib.linear_cross_entropy import linear_cross_entropy
 from ftlib.models.layers import matmul
 
 needs_mkl = pytest.mark.skipif(
-    jax.default_backend() != "cpu" or mkl_gemm._load() is not None,
-    reason=f"the MKL kernel is unavailable here: {mkl_gemm._load()}",
+    jax.default_backend() != "cpu" or mkl_gemm.KERNEL.load() is not None,
+    reason=f"the MKL kernel is unavailable here: {mkl_gemm.KERNEL.load()}",
 )
 
 

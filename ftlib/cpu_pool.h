@@ -1,0 +1,43 @@
+// Work split across XLA:CPU's intra-op pool from inside an FFI kernel, shared by
+// ftlib's C++ kernels (mkl_gemm.cc, softmax_xent.cc).
+#ifndef FTLIB_CPU_POOL_H_
+#define FTLIB_CPU_POOL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ftlib {
+
+// Runs fn(unit) for every unit in [0, count) on the pool's threads and the calling one.
+// Each thread claims units until none is left, so the call never waits on a task that
+// has not started: a busy pool cannot deadlock it, only leave the caller more work.
+template <typename Fn>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t count, Fn fn) {
+  struct Units {
+    Units(Fn f, int64_t n) : fn(std::move(f)), count(n) {}
+    Fn fn;
+    int64_t count;
+    std::atomic<int64_t> next{0}, done{0};
+    void Drain() {
+      for (int64_t u; (u = next.fetch_add(1)) < count;) {
+        fn(u);
+        done.fetch_add(1);
+      }
+    }
+  };
+  auto units = std::make_shared<Units>(std::move(fn), count);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->Drain(); });
+  units->Drain();
+  while (units->done.load() < units->count) std::this_thread::yield();
+}
+
+}  // namespace ftlib
+
+#endif  // FTLIB_CPU_POOL_H_

@@ -1,0 +1,71 @@
+"""softmax_xent.cc (the LM head's per-row softmax cross-entropy) against numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftlib import softmax_xent
+
+pytestmark = pytest.mark.skipif(
+    not softmax_xent.applies(jnp.zeros((1, 2), jnp.float32)),
+    reason=f"the softmax kernel is unavailable here: {softmax_xent.KERNEL.load()}",
+)
+
+
+def _reference(logits, targets, weights):
+    z = logits - logits.max(-1, keepdims=True)
+    logsumexp = np.log(np.exp(z).sum(-1))
+    probs = np.exp(z - logsumexp[:, None])
+    gold = np.take_along_axis(z, targets[:, None], -1)[:, 0]
+    g = probs - np.eye(logits.shape[1])[targets]
+    correct = np.argmax(logits, -1) == targets
+    return g * weights[:, None], (logsumexp - gold) * weights, correct * weights
+
+
+@pytest.mark.parametrize("V", [1, 7, 50, 8192])
+def test_rows_match_numpy(V):
+    rng = np.random.default_rng(V)
+    N = 37  # not a multiple of the kernel's 8-row units
+    logits = (rng.standard_normal((N, V)) * 4).astype(np.float32)
+    logits[0, :] = 0.0  # all tied: only target 0 is right
+    logits[1, :] = -100.0  # exp underflows far from the max
+    logits[1, 0] = 100.0
+    targets = rng.integers(0, V, N).astype(np.int32)
+    targets[:2] = 0
+    weights = rng.uniform(0, 2, N).astype(np.float32)
+    weights[2] = 0.0  # a padded position
+    got = jax.jit(lambda *a: softmax_xent.rows(*a, gradient=True))(logits, targets, weights)
+    for name, g, want in zip(("g", "nll", "correct"), got, _reference(logits, targets, weights)):
+        np.testing.assert_allclose(np.asarray(g), want, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_ties_go_to_the_first_maximum():
+    logits = np.array([[1.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0]], np.float32)
+    weights = np.ones(2, np.float32)
+    for target, want in ((1, [1, 0]), (3, [0, 0])):
+        targets = np.array([target, target * 0], np.int32)
+        _, _, correct = softmax_xent.rows(logits, targets, weights, gradient=False)
+        np.testing.assert_array_equal(np.asarray(correct), [want[0], 1.0])
+
+
+def test_without_gradient_the_logits_are_left_alone():
+    logits = np.random.default_rng(0).standard_normal((9, 11)).astype(np.float32)
+    targets, weights = np.arange(9, dtype=np.int32), np.ones(9, np.float32)
+    g, nll, _ = softmax_xent.rows(logits, targets, weights, gradient=False)
+    np.testing.assert_array_equal(np.asarray(g), logits)
+    np.testing.assert_allclose(nll, _reference(logits, targets, weights)[1], rtol=2e-5)
+
+
+def test_out_of_range_targets_are_refused():
+    logits, weights = np.zeros((2, 5), np.float32), np.ones(2, np.float32)
+    with pytest.raises(Exception, match="outside"):
+        jax.block_until_ready(
+            softmax_xent.rows(logits, np.array([0, 5], np.int32), weights, gradient=True)
+        )
+
+
+def test_applies_follows_the_switch_and_dtype(monkeypatch):
+    assert not softmax_xent.applies(jnp.zeros((2, 3), jnp.bfloat16))
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
+    assert not softmax_xent.applies(jnp.zeros((2, 3), jnp.float32))
