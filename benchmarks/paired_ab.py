@@ -186,6 +186,14 @@ def _xla_softmax_xent():
     return _patched(lce, "softmax_xent", types.SimpleNamespace(applies=lambda logits: False))
 
 
+def _xla_swiglu_backward():
+    """SwiGLU's backward in XLA's ops, not swiglu_backward.cc."""
+    from ftlib.models import layers
+
+    stub = types.SimpleNamespace(applies=lambda *operands: False)
+    return _patched(layers, "swiglu_backward", stub)
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -209,6 +217,7 @@ VARIANTS = {
     "xla_batched_products": _xla_batched_products,
     "xla_lora_products": _xla_lora_products,
     "xla_softmax_xent": _xla_softmax_xent,
+    "xla_swiglu_backward": _xla_swiglu_backward,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

@@ -1,9 +1,10 @@
 """ftlib's C++ kernels for XLA:CPU (FFI custom calls): the switch, the build, the cache.
 
-Each kernel is one .cc file next to this module (mkl_gemm.cc, softmax_xent.cc),
-sharing cpu_pool.h. It is compiled on first use with the C++ compiler (`$CXX`, else
-g++) against jaxlib's FFI headers and cached in `$FTLIB_CACHE/kernels` (default
-~/.cache/ftlib) by a hash of its sources and jax's version.
+Each kernel is one .cc file next to this module (mkl_gemm.cc, softmax_xent.cc,
+swiglu_backward.cc), sharing cpu_pool.h and cpu_math.h. It is compiled on first use
+with the C++ compiler (`$CXX`, else g++) against jaxlib's FFI headers and cached in
+`$FTLIB_CACHE/kernels` (default ~/.cache/ftlib) by a hash of its sources and jax's
+version.
 
 `FTLIB_CPU_GEMM` picks for all of them: `auto` (default: ftlib's kernels where they
 build), `xla` (XLA's own ops everywhere), `mkl` (ftlib's kernels always on CPU for
@@ -27,7 +28,7 @@ from ftlib import assets
 from ftlib.errors import FtlibError
 
 HERE = pathlib.Path(__file__).parent
-HEADERS = (HERE / "cpu_pool.h",)
+HEADERS = (HERE / "cpu_pool.h", HERE / "cpu_math.h")
 CHOICES = ("auto", "xla", "mkl")
 
 

@@ -15,36 +15,14 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
+#include "cpu_math.h"
 #include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// exp(x) for x <= 0 (a softmax's arguments): Cody-Waite reduction to r in
-// [-ln2/2, ln2/2], a degree-6 polynomial for e^r (Cephes' expf coefficients), and 2^n
-// built in the exponent bits. Rounding by adding 1.5 * 2^23 vectorizes, unlike roundf.
-// Below -87 the result would be denormal: clamped there (e^-87 ~ 1.6e-38, far below
-// any sum it is added to).
-inline float ExpNonPositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // One row; x and g may be the same memory (every read of x[j] precedes the write).
 // Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
@@ -66,7 +44,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void Row(
   if (gradient) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < V; ++j) {
-      float e = ExpNonPositive(x[j] - max);
+      float e = ftlib::ExpNonPositive(x[j] - max);
       g[j] = e;
       sum += e;
     }
@@ -76,7 +54,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void Row(
     g[target] -= weight;
   } else {
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < V; ++j) sum += ExpNonPositive(x[j] - max);
+    for (int64_t j = 0; j < V; ++j) sum += ftlib::ExpNonPositive(x[j] - max);
   }
   *nll = (max + std::log(sum) - gold) * weight;
   *correct = first == target ? weight : 0.0f;

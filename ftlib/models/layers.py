@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftlib import mkl_gemm
+from ftlib import mkl_gemm, swiglu_backward
 
 DEFAULT_INIT = nnx.initializers.normal(0.02)
 
@@ -208,6 +208,8 @@ def _swiglu_bwd(res, dh_TF):
     silu(gate) and more, each a [tokens, intermediate] activation, the widest of the
     layer (six in all on llama-1b's GPU profile, against these two)."""
     gate_TF, up_TF = res
+    if swiglu_backward.applies(gate_TF, up_TF, dh_TF):  # one C++ pass
+        return swiglu_backward.backward(gate_TF, up_TF, dh_TF)
     g32, u32, dh32 = (a.astype(jnp.float32) for a in (gate_TF, up_TF, dh_TF))
     sig = jax.nn.sigmoid(g32)
     dgate = dh32 * u32 * sig * (1.0 + g32 * (1.0 - sig))

@@ -1,0 +1,32 @@
+"""SwiGLU's backward in one C++ pass over gate, up and dh (CPU): swiglu_backward.cc.
+
+XLA:CPU runs layers.swiglu's backward as three or four passes over [tokens,
+intermediate] with the sigmoid materialized between them; the kernel reads each input
+once and writes each gradient once. It runs where ftlib's CPU kernels do
+(ftlib.ffi_kernels: fp32, one CPU device, the `FTLIB_CPU_GEMM` switch).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+
+from ftlib import ffi_kernels
+
+SOURCE = pathlib.Path(__file__).with_suffix(".cc")
+KERNEL = ffi_kernels.Kernel(
+    SOURCE, {"ftlib_swiglu_backward": "FtlibSwigluBackward"}, "SwiGLU's backward stays in XLA"
+)
+
+
+def applies(gate, up, dh) -> bool:
+    return jax.numpy.shape(gate) == jax.numpy.shape(up) == jax.numpy.shape(dh) and (
+        KERNEL.applies(gate, up, dh)
+    )
+
+
+def backward(gate, up, dh):
+    """-> (dgate, dup) of silu(gate) * up for the cotangent dh (float32, same shapes)."""
+    out = jax.ShapeDtypeStruct(gate.shape, gate.dtype)
+    return KERNEL.call("ftlib_swiglu_backward", (out, out), gate, up, dh)
