@@ -194,6 +194,23 @@ def _xla_swiglu_backward():
     return _patched(layers, "swiglu_backward", stub)
 
 
+def _xla_rms_norm():
+    """RMSNorm forward and backward in XLA's ops, not rms_norm_kernel.cc."""
+    from ftlib.models import layers
+
+    stub = types.SimpleNamespace(applies=lambda *operands: False)
+    return _patched(layers, "rms_norm_kernel", stub)
+
+
+def _xla_elementwise():
+    """All three elementwise C++ kernels off: the head's softmax, SwiGLU's backward and
+    RMSNorm in XLA's ops (the products stay in MKL)."""
+    stack = contextlib.ExitStack()
+    for variant in (_xla_softmax_xent, _xla_swiglu_backward, _xla_rms_norm):
+        stack.enter_context(variant())
+    return stack
+
+
 VARIANTS = {
     "ftlib": contextlib.nullcontext,
     "plain_head": _plain_head,
@@ -218,6 +235,8 @@ VARIANTS = {
     "xla_lora_products": _xla_lora_products,
     "xla_softmax_xent": _xla_softmax_xent,
     "xla_swiglu_backward": _xla_swiglu_backward,
+    "xla_rms_norm": _xla_rms_norm,
+    "xla_elementwise": _xla_elementwise,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

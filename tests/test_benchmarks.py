@@ -67,6 +67,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "dw_contract_tokens": (layers, "matmul"),
         "xla_softmax_xent": (linear_cross_entropy, "softmax_xent"),
         "xla_swiglu_backward": (layers, "swiglu_backward"),
+        "xla_rms_norm": (layers, "rms_norm_kernel"),
     }
     for name, (owner, attr) in patched.items():
         before = getattr(owner, attr)
