@@ -8,7 +8,9 @@ positions computes its logits, loss, and (under differentiation) its gradients
 while the block's [B, t, V] slab is still in cache: the forward rule already
 produces d(loss)/dh and d(loss)/dW for a unit cotangent, and the backward only
 scales them. The matmul FLOPs are the same as autodiff's (nothing recomputed),
-and the head's weight gradient is skipped when the weight is frozen.
+and the head's weight gradient is skipped when the weight is frozen. On one CPU device
+in fp32 each block's softmax, loss and logit gradient is one C++ pass per row
+(ftlib.softmax_xent); elsewhere XLA's ops (`_softmax_xent`).
 """
 
 from __future__ import annotations
