@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 from ftlib import assets
 from ftlib.errors import FtlibError
@@ -109,19 +110,19 @@ class Kernel:
         mode = choice()
         if mode == "xla" or not single_cpu_device():
             return False
-        if any(jax.numpy.result_type(x) != jax.numpy.float32 for x in operands):
+        if any(jnp.result_type(x) != jnp.float32 for x in operands):
             return False
         reason = self.load()
         if reason is not None and mode == "mkl":
             raise Unavailable(f"FTLIB_CPU_GEMM=mkl: {reason}")
         return reason is None
 
-    def call(self, target: str, results, *operands, **attrs):
+    def call(self, target: str, results, *operands, input_output_aliases=None, **attrs):
         """jax.ffi.ffi_call of one of the targets (registered first if need be)."""
         reason = self.load()
         if reason is not None:
             raise Unavailable(reason)
-        aliases = attrs.pop("input_output_aliases", None)
-        kw = {"input_output_aliases": aliases} if aliases else {}
-        fn = jax.ffi.ffi_call(target, results, vmap_method="sequential", **kw)
+        fn = jax.ffi.ffi_call(
+            target, results, vmap_method="sequential", input_output_aliases=input_output_aliases
+        )
         return fn(*operands, **attrs)
