@@ -1,9 +1,17 @@
-// Vectorizable float math shared by ftlib's C++ kernels (softmax_xent.cc, swiglu_backward.cc).
+// Vectorizable float math shared by ftlib's elementwise C++ kernels.
 #ifndef FTLIB_CPU_MATH_H_
 #define FTLIB_CPU_MATH_H_
 
 #include <cstdint>
 #include <cstring>
+
+// Loops compiled for AVX-512, AVX2 and baseline x86-64, the best picked when the library
+// loads (an ifunc: x86-64 Linux). Elsewhere the compiler's default target only.
+#if defined(__x86_64__) && defined(__linux__)
+#define FTLIB_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FTLIB_VECTOR_CLONES
+#endif
 
 namespace ftlib {
 

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_math.h"
 #include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -27,7 +28,7 @@ namespace {
 
 constexpr int64_t kRowsPerUnit = 32;
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void ForwardRows(
+FTLIB_VECTOR_CLONES void ForwardRows(
     const float* x, const float* scale, float eps, int64_t rows, int64_t D, float* y, float* r) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* xi = x + i * D;
@@ -42,7 +43,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void ForwardRows(
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void BackwardRows(
+FTLIB_VECTOR_CLONES void BackwardRows(
     const float* x, const float* r, const float* scale, const float* dy, int64_t rows,
     int64_t D, float* dx, float* dscale) {
   for (int64_t i = 0; i < rows; ++i) {

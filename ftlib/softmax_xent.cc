@@ -25,8 +25,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 // One row; x and g may be the same memory (every read of x[j] precedes the write).
-// Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void Row(
+FTLIB_VECTOR_CLONES void Row(
     const float* x, int64_t V, int32_t target, float weight, bool gradient, float* g,
     float* nll, float* correct) {
   float max = -INFINITY;

@@ -18,7 +18,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void Range(
+FTLIB_VECTOR_CLONES void Range(
     const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
