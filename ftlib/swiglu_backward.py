@@ -11,6 +11,7 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import jax.numpy as jnp
 
 from ftlib import ffi_kernels
 
@@ -21,9 +22,9 @@ KERNEL = ffi_kernels.Kernel(
 
 
 def applies(gate, up, dh) -> bool:
-    return jax.numpy.shape(gate) == jax.numpy.shape(up) == jax.numpy.shape(dh) and (
-        KERNEL.applies(gate, up, dh)
-    )
+    """Same-shaped float32 operands, one CPU device, the kernel built."""
+    same = jnp.shape(gate) == jnp.shape(up) == jnp.shape(dh)
+    return same and KERNEL.applies(gate, up, dh)
 
 
 def backward(gate, up, dh):
