@@ -1,5 +1,5 @@
 // Work split across XLA:CPU's intra-op pool from inside an FFI kernel, shared by
-// ftlib's C++ kernels (mkl_gemm.cc, softmax_xent.cc).
+// ftlib's C++ kernels (the .cc files beside it).
 #ifndef FTLIB_CPU_POOL_H_
 #define FTLIB_CPU_POOL_H_
 
@@ -36,6 +36,16 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t count, Fn fn) {
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->Drain(); });
   units->Drain();
   while (units->done.load() < units->count) std::this_thread::yield();
+}
+
+// Runs fn(unit, lo, hi) for [0, n) cut into units of `chunk` items (the last may be
+// shorter), as ParallelFor does.
+template <typename Fn>
+void ParallelForChunks(xla::ffi::ThreadPool& pool, int64_t n, int64_t chunk, Fn fn) {
+  ParallelFor(pool, (n + chunk - 1) / chunk, [=](int64_t unit) {
+    int64_t lo = unit * chunk;
+    fn(unit, lo, std::min(lo + chunk, n));
+  });
 }
 
 }  // namespace ftlib

@@ -1,7 +1,7 @@
 """ftlib's C++ kernels for XLA:CPU (FFI custom calls): the switch, the build, the cache.
 
 Each kernel is one .cc file next to this module (mkl_gemm.cc, softmax_xent.cc,
-swiglu_backward.cc), sharing cpu_pool.h and cpu_math.h. It is compiled on first use
+swiglu_backward.cc, rms_norm_kernel.cc), sharing cpu_pool.h and cpu_math.h. It is compiled on first use
 with the C++ compiler (`$CXX`, else g++) against jaxlib's FFI headers and cached in
 `$FTLIB_CACHE/kernels` (default ~/.cache/ftlib) by a hash of its sources and jax's
 version.

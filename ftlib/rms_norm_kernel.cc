@@ -68,9 +68,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t D = scale.element_count(), N = D ? x.element_count() / D : 0;
   const float *xp = x.typed_data(), *sp = scale.typed_data();
   float *yp = y->typed_data(), *rp = r->typed_data();
-  ftlib::ParallelFor(pool, (N + kRowsPerUnit - 1) / kRowsPerUnit, [=](int64_t u) {
-    int64_t lo = u * kRowsPerUnit, rows = N - lo < kRowsPerUnit ? N - lo : kRowsPerUnit;
-    ForwardRows(xp + lo * D, sp, eps, rows, D, yp + lo * D, rp + lo);
+  ftlib::ParallelForChunks(pool, N, kRowsPerUnit, [=](int64_t, int64_t lo, int64_t hi) {
+    ForwardRows(xp + lo * D, sp, eps, hi - lo, D, yp + lo * D, rp + lo);
   });
   return ffi::Error::Success();
 }
@@ -84,9 +83,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float *xp = x.typed_data(), *rp = r.typed_data(), *sp = scale.typed_data();
   const float* dyp = dy.typed_data();
   float *dxp = dx->typed_data(), *pp = partial.data();
-  ftlib::ParallelFor(pool, units, [=](int64_t u) {
-    int64_t lo = u * kRowsPerUnit, rows = N - lo < kRowsPerUnit ? N - lo : kRowsPerUnit;
-    BackwardRows(xp + lo * D, rp + lo, sp, dyp + lo * D, rows, D, dxp + lo * D, pp + u * D);
+  ftlib::ParallelForChunks(pool, N, kRowsPerUnit, [=](int64_t u, int64_t lo, int64_t hi) {
+    BackwardRows(xp + lo * D, rp + lo, sp, dyp + lo * D, hi - lo, D, dxp + lo * D, pp + u * D);
   });
   float* out = dscale->typed_data();
   for (int64_t j = 0; j < D; ++j) out[j] = 0.0f;

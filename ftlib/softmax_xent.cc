@@ -83,10 +83,8 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   const float* w = weights.typed_data();
   float* out_nll = nll->typed_data();
   float* out_correct = correct->typed_data();
-  int64_t units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
-  ftlib::ParallelFor(pool, units, [=](int64_t u) {
-    int64_t end = u * kRowsPerUnit + kRowsPerUnit < N ? u * kRowsPerUnit + kRowsPerUnit : N;
-    for (int64_t i = u * kRowsPerUnit; i < end; ++i) {
+  ftlib::ParallelForChunks(pool, N, kRowsPerUnit, [=](int64_t, int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
       Row(x + i * V, V, t[i], w[i], gradient, x + i * V, out_nll + i, out_correct + i);
     }
   });

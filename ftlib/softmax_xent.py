@@ -17,10 +17,9 @@ import jax.numpy as jnp
 from ftlib import ffi_kernels
 
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-TARGETS = {"ftlib_softmax_xent": "FtlibSoftmaxXent"}
-
-
-KERNEL = ffi_kernels.Kernel(SOURCE, TARGETS, "the LM head's softmax stays in XLA")
+KERNEL = ffi_kernels.Kernel(
+    SOURCE, {"ftlib_softmax_xent": "FtlibSoftmaxXent"}, "the LM head's softmax stays in XLA"
+)
 
 
 def applies(logits_NV) -> bool:

@@ -39,9 +39,8 @@ ffi::Error SwigluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gate,
   }
   const float *g = gate.typed_data(), *u = up.typed_data(), *d = dh.typed_data();
   float *dg = dgate->typed_data(), *du = dup->typed_data();
-  ftlib::ParallelFor(pool, (n + kUnit - 1) / kUnit, [=](int64_t unit) {
-    int64_t lo = unit * kUnit, len = n - lo < kUnit ? n - lo : kUnit;
-    Range(g + lo, u + lo, d + lo, dg + lo, du + lo, len);
+  ftlib::ParallelForChunks(pool, n, kUnit, [=](int64_t, int64_t lo, int64_t hi) {
+    Range(g + lo, u + lo, d + lo, dg + lo, du + lo, hi - lo);
   });
   return ffi::Error::Success();
 }
