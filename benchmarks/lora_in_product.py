@@ -61,3 +61,16 @@ def lora_call(layer, x, rng=None):
         layer.lora_a[...].astype(dt),
         layer.lora_b[...].astype(dt),
     )
+
+
+def lora_call_wide(layer, x, rng=None):
+    """adapter_in_product only where a projection's output is wider than its input
+    (llama's gate and up): there the adapter's output-sized pass costs more than copying
+    x into the concatenated operand; elsewhere (q, k, v, o, down) the library's two
+    products."""
+    d_in, d_out = layer.base.kernel.shape[-2:]
+    if d_out > d_in:
+        return lora_call(layer, x, rng)
+    if layer.dropout:
+        raise ValueError("adapter_in_product covers LoRA without dropout")
+    return layer.base(x) + layer.lora_path(x)

@@ -160,6 +160,15 @@ def _adapter_in_product():
     return _patched(LoRALinear, "__call__", lora_in_product.lora_call)
 
 
+def _adapter_in_product_wide():
+    """adapter_in_product for the projections wider out than in (gate, up) only."""
+    import lora_in_product
+
+    from ftlib.peft.lora import LoRALinear
+
+    return _patched(LoRALinear, "__call__", lora_in_product.lora_call_wide)
+
+
 def _xla_gemm():
     """fp32 CPU products in XLA's kernels instead of MKL's (FTLIB_CPU_GEMM=xla)."""
     return mock.patch.dict(os.environ, {"FTLIB_CPU_GEMM": "xla"})
@@ -225,6 +234,7 @@ VARIANTS = {
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
     "adapter_in_product": _adapter_in_product,
+    "adapter_in_product_wide": _adapter_in_product_wide,
     "head_rows_128": lambda: _head_rows(128),
     "head_rows_512": lambda: _head_rows(512),
     "dw_contract_tokens": _dw_contract_tokens,

@@ -62,6 +62,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "frozen_bf16": (steps, "init_train_state"),
         "fused_grads": (steps, "materialized"),
         "adapter_in_product": (LoRALinear, "__call__"),
+        "adapter_in_product_wide": (LoRALinear, "__call__"),
         "recompute_probs": (attention, "_causal"),
         "head_rows_512": (linear_cross_entropy, "block_rows"),
         "dw_contract_tokens": (layers, "matmul"),
@@ -205,6 +206,27 @@ def test_adapter_in_product_matches_lora_values_and_gradients():
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_in_product_wide_matches_lora_linear():
+    """`adapter_in_product_wide` gives LoRALinear's outputs for a wider (gate-like) and a
+    narrower (down-like) projection: the in-product path and the library's."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from lora_in_product import lora_call_wide
+
+    from ftlib.models.layers import Linear
+    from ftlib.peft.lora import LoRALinear
+
+    x = jax.random.normal(jax.random.key(1), (2, 3, 6))
+    for d_in, d_out in [(6, 10), (6, 4)]:
+        rngs = nnx.Rngs(0)
+        layer = LoRALinear(
+            Linear(d_in, d_out, ("embed", "mlp"), rngs=rngs), 2, 4.0, 0.0, False, rngs=rngs
+        )
+        layer.lora_b[...] = jax.random.normal(jax.random.key(2), layer.lora_b.shape)
+        np.testing.assert_allclose(lora_call_wide(layer, x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_recompute_matches_the_saved_probabilities_path():
