@@ -21,5 +21,5 @@ timeout "${PAIRED_S:-150}" python3 benchmarks/paired_ab.py --workload=llama-1b \
   --dtype=bfloat16 --mode=full --variants="${FULL_VARIANTS:-fused_grads}" \
   --out="$OUT/paired_1b_full.json"
 timeout "${PAIRED_S:-150}" python3 benchmarks/paired_ab.py --workload=llama-1b \
-  --dtype=bfloat16 --mode=lora --variants="${LORA_VARIANTS:-adapter_in_product}" \
+  --dtype=bfloat16 --mode=lora --variants="${LORA_VARIANTS:-lora_two_products}" \
   --out="$OUT/paired_1b_lora.json"

@@ -151,22 +151,12 @@ def _recompute_probs():
     return _patched(attention, "_causal", attention_recompute.causal)
 
 
-def _adapter_in_product():
-    """LoRA's adapter inside the base product: lora_in_product.py."""
-    import lora_in_product
+def _adapter_in_product(rule):
+    """LoRA's adapter inside the base product (ftlib.peft.lora.in_product) where
+    rule(d_in, d_out) says, instead of the library's choice."""
+    from ftlib.peft import lora
 
-    from ftlib.peft.lora import LoRALinear
-
-    return _patched(LoRALinear, "__call__", lora_in_product.lora_call)
-
-
-def _adapter_in_product_wide():
-    """adapter_in_product for the projections wider out than in (gate, up) only."""
-    import lora_in_product
-
-    from ftlib.peft.lora import LoRALinear
-
-    return _patched(LoRALinear, "__call__", lora_in_product.lora_call_wide)
+    return _patched(lora, "adapter_in_base_product", rule)
 
 
 def _xla_gemm():
@@ -233,8 +223,10 @@ VARIANTS = {
     "autodiff_norm_mlp": _autodiff_norm_mlp,
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
-    "adapter_in_product": _adapter_in_product,
-    "adapter_in_product_wide": _adapter_in_product_wide,
+    # LoRA: two products everywhere / the in-product everywhere / for q, o, gate and up.
+    "lora_two_products": lambda: _adapter_in_product(lambda d_in, d_out: False),
+    "adapter_in_product_all": lambda: _adapter_in_product(lambda d_in, d_out: True),
+    "adapter_in_product_not_narrow": lambda: _adapter_in_product(lambda i, o: o >= i),
     "head_rows_128": lambda: _head_rows(128),
     "head_rows_512": lambda: _head_rows(512),
     "dw_contract_tokens": _dw_contract_tokens,

@@ -43,7 +43,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     from ftlib import linear_cross_entropy, steps
     from ftlib.models import attention, layers, llama
     from ftlib.models.llama import Llama
-    from ftlib.peft.lora import LoRALinear
+    from ftlib.peft import lora
 
     # Variants must not leak into later tests.
     plain, norm, swiglu = Llama.output_projection, layers.rms_norm, llama.swiglu
@@ -61,8 +61,8 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     patched = {
         "frozen_bf16": (steps, "init_train_state"),
         "fused_grads": (steps, "materialized"),
-        "adapter_in_product": (LoRALinear, "__call__"),
-        "adapter_in_product_wide": (LoRALinear, "__call__"),
+        "lora_two_products": (lora, "adapter_in_base_product"),
+        "adapter_in_product_all": (lora, "adapter_in_base_product"),
         "recompute_probs": (attention, "_causal"),
         "head_rows_512": (linear_cross_entropy, "block_rows"),
         "dw_contract_tokens": (layers, "matmul"),
@@ -181,52 +181,6 @@ def test_profile_kinds_from_gpu_hlo():
     by_name = profile_step.phase_kind(table, "loop_dynamic_update_slice_fusion.46")
     assert by_name == ("?", "dynamic slice/update")
     assert profile_step.phase_kind(table, "loop_add_fusion.3") == ("?", "elementwise fusion")
-
-
-def test_adapter_in_product_matches_lora_values_and_gradients():
-    """paired_ab's `adapter_in_product` experiment computes LoRA's y and its gradients."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from lora_in_product import adapter_in_product
-
-    from ftlib.peft.lora import lora_product
-
-    rng = np.random.default_rng(0)
-    x, w, a, b = (
-        jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 6, 5), (5, 7), (3, 5), (3, 7)]
-    )
-    g = jnp.asarray(rng.normal(size=(2, 6, 7)), jnp.float32)
-
-    def two_products(x, w, a, b):
-        return jnp.dot(x, w) + lora_product(2.0, x, a, b)
-
-    y_ref, vjp_ref = jax.vjp(two_products, x, w, a, b)
-    y, vjp = jax.vjp(lambda *args: adapter_in_product(2.0, *args), x, w, a, b)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(vjp(g), vjp_ref(g)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_adapter_in_product_wide_matches_lora_linear():
-    """`adapter_in_product_wide` gives LoRALinear's outputs for a wider (gate-like) and a
-    narrower (down-like) projection: the in-product path and the library's."""
-    import jax
-    import numpy as np
-    from flax import nnx
-    from lora_in_product import lora_call_wide
-
-    from ftlib.models.layers import Linear
-    from ftlib.peft.lora import LoRALinear
-
-    x = jax.random.normal(jax.random.key(1), (2, 3, 6))
-    for d_in, d_out in [(6, 10), (6, 4)]:
-        rngs = nnx.Rngs(0)
-        layer = LoRALinear(
-            Linear(d_in, d_out, ("embed", "mlp"), rngs=rngs), 2, 4.0, 0.0, False, rngs=rngs
-        )
-        layer.lora_b[...] = jax.random.normal(jax.random.key(2), layer.lora_b.shape)
-        np.testing.assert_allclose(lora_call_wide(layer, x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_recompute_matches_the_saved_probabilities_path():

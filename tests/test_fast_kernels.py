@@ -21,6 +21,7 @@ from ftlib.models.attention import (
     unpacked_lengths,
 )
 from ftlib.models.layers import matmul, rms_norm, swiglu
+from ftlib.peft import lora
 from ftlib.peft.lora import lora_product
 
 
@@ -193,6 +194,53 @@ def test_lora_product_gradients_match_autodiff():
     np.testing.assert_allclose(got, want, atol=1e-5)
     for name, p, q in zip(("x", "a", "b"), got_grads, want_grads):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_lora_in_product_gradients_match_autodiff():
+    """[x | s xd A^T] @ [W; B] (LoRA's adapter inside the base product, on GPUs for
+    wide projections) gives x W + s (xd A^T) B and its gradients, xd (the dropped-out
+    input) apart from x."""
+    keys = jax.random.split(jax.random.key(4), 6)
+    x, xd = (jax.random.normal(k, (3, 5, 16)) for k in keys[:2])
+    w = jax.random.normal(keys[2], (16, 24))
+    a = jax.random.normal(keys[3], (4, 16))
+    b = jax.random.normal(keys[4], (4, 24))
+    g = jax.random.normal(keys[5], (3, 5, 24))
+    reference = lambda x, xd, w, a, b: x @ w + 2.0 * (xd @ a.T) @ b
+    want, want_grads = _vjp(reference, x, xd, w, a, b, cotangent=g)
+    fused = lambda *args: lora.in_product(2.0, *args)
+    got, got_grads = _vjp(fused, x, xd, w, a, b, cotangent=g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for name, p, q in zip(("x", "xd", "w", "a", "b"), got_grads, want_grads):
+        np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-3, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("d_out", [24, 8])
+def test_lora_linear_in_product_path_matches_two_products(monkeypatch, d_out):
+    """LoRALinear with the in-product path forced on (a GPU's choice for wide
+    projections) gives the two-product path's outputs and adapter gradients, with
+    dropout and a bias."""
+    from flax import nnx
+
+    from ftlib.models.layers import Linear
+
+    rngs = nnx.Rngs(0)
+    base = Linear(16, d_out, ("embed", "mlp"), rngs=rngs, use_bias=True)
+    layer = lora.LoRALinear(base, 4, 8.0, 0.25, False, rngs=rngs)
+    layer.lora_b[...] = jax.random.normal(jax.random.key(5), layer.lora_b.shape)
+    base.bias[...] = jax.random.normal(jax.random.key(6), base.bias.shape)
+    x = jax.random.normal(jax.random.key(7), (2, 3, 16))
+
+    def loss_and_grads(fused):
+        monkeypatch.setattr(lora, "adapter_in_base_product", lambda d_in, d_out: fused)
+        loss = lambda m, x: jnp.sum(jnp.sin(m(x, jax.random.key(8))))
+        return nnx.value_and_grad(loss, argnums=(0, 1))(layer, x)
+
+    (want, (want_m, want_x)), (got, (got_m, got_x)) = loss_and_grads(False), loss_and_grads(True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-5)
+    for name in ("lora_a", "lora_b"):
+        np.testing.assert_allclose(got_m[name][...], want_m[name][...], rtol=1e-4, atol=1e-5)
 
 
 def _plain_head_loss(h_BTD, w_DV, targets_BT, weight_BT):
