@@ -159,6 +159,13 @@ def _adapter_in_product(rule):
     return _patched(lora, "adapter_in_base_product", rule)
 
 
+def _uninitialized_scan_stacks():
+    """lax.scan's stacked outputs without the zero fill: uninitialized_stacks.py."""
+    import uninitialized_stacks
+
+    return uninitialized_stacks.patched()
+
+
 def _xla_gemm():
     """fp32 CPU products in XLA's kernels instead of MKL's (FTLIB_CPU_GEMM=xla)."""
     return mock.patch.dict(os.environ, {"FTLIB_CPU_GEMM": "xla"})
@@ -232,6 +239,7 @@ VARIANTS = {
     "dw_contract_tokens": _dw_contract_tokens,
     "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
+    "uninitialized_scan_stacks": _uninitialized_scan_stacks,
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,
     "xla_lora_products": _xla_lora_products,

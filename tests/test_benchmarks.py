@@ -58,7 +58,10 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     with paired_ab.VARIANTS["autodiff_norm_mlp"]():
         assert layers.rms_norm is not norm and llama.swiglu is not swiglu
     assert layers.rms_norm is norm and llama.swiglu is swiglu
+    from jax._src.lax.control_flow import loops
+
     patched = {
+        "uninitialized_scan_stacks": (loops, "_empty_array"),
         "frozen_bf16": (steps, "init_train_state"),
         "fused_grads": (steps, "materialized"),
         "lora_two_products": (lora, "adapter_in_base_product"),
