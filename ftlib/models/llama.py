@@ -325,9 +325,13 @@ class Llama(nnx.Module):
             body = jax.checkpoint(body, policy=policy)
         if scans_layers(self.cfg.scan_layers):
             return jax.lax.scan(body, h, (state, keys, buffers), unroll=self.cfg.scan_unroll)
+        # lax.split, not x[i]: its transpose concatenates the layers' gradients into the
+        # stacked one, where indexing's is a zero-padded [layers, ...] array per layer, summed.
+        stacked, treedef = jax.tree.flatten((state, keys, buffers))
+        split = [jax.lax.split(x, (1,) * L) for x in stacked]
         outs = []
         for i in range(L):
-            h, out = body(h, jax.tree.map(lambda x: x[i], (state, keys, buffers)))
+            h, out = body(h, treedef.unflatten([parts[i][0] for parts in split]))
             outs.append(out)
         return h, None if kv is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
