@@ -294,6 +294,7 @@ def main():
     known = [*VARIANTS, *COMPILER_OPTIONS]
     parser.add_argument("--variants", default="plain_head", help=f"comma list of {known}")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds after 3 warm-up")
+    parser.add_argument("--layers", type=int, default=0, help="the workload at this depth")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     names = ["ftlib", *[v for v in args.variants.split(",") if v != "ftlib"]]
@@ -306,9 +307,12 @@ def main():
     rounds = step_time.WARMUP + args.steps
     batches = step_time.batches(args.workload, rounds)
     runs = {}
+    depth = contextlib.nullcontext
+    if args.layers:
+        depth = lambda: _config_override(num_layers=args.layers)  # noqa: E731
     for name in list(names):
         try:
-            with VARIANTS.get(name, contextlib.nullcontext)():
+            with depth(), VARIANTS.get(name, contextlib.nullcontext)():
                 cfg = step_time.llama_config(args.workload, args.dtype, args.attention)
                 step, state, frozen, _ = step_time.train_setup(cfg, args.mode, rounds)
                 start = time.perf_counter()
@@ -339,6 +343,7 @@ def main():
             "mode": args.mode,
             "variant": name,
             "dtype": args.dtype,
+            "layers": args.layers or step_time.WORKLOADS[args.workload].layers,
             "median_step_s": float(np.median(times)),
             "paired_ratio_to_ftlib": float(np.median(times / base)),
             "compile_s": runs[name]["compile_s"],
