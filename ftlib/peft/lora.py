@@ -132,10 +132,10 @@ def adapter_in_base_product(d_in: int, d_out: int) -> bool:
     than two products and an add. On a GPU, for projections wider out than in (llama's
     gate and up): there the adapter's [tokens, out] product, written and read back by the
     add, costs more than copying x into the concatenated operand. Paired llama-1b LoRA
-    steps in bf16 on an H200, against two products everywhere: 0.973 and 0.983 (gate and
-    up only), 0.985 (also q and o), 1.003 (every projection); benchmarks/README.md. On
-    the CPU the fp32 products run in MKL (ftlib.mkl_gemm) and the two-product path is
-    faster (paired 1.03 on llama-tiny); TPUs were not measured."""
+    steps in bf16 on an H200, against two products everywhere: 0.973, 0.983 and 0.988
+    (gate and up only), 0.985 (also q and o), 1.003 (every projection);
+    benchmarks/README.md. On the CPU the fp32 products run in MKL (ftlib.mkl_gemm), where
+    the one product measured 0.996 to 1.05 against two; TPUs were not measured."""
     return d_out > d_in and jax.default_backend() == "gpu"
 
 
