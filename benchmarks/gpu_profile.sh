@@ -18,8 +18,8 @@ for mode in full lora; do
 done
 
 timeout "${PAIRED_S:-150}" python3 benchmarks/paired_ab.py --workload=llama-1b \
-  --dtype=bfloat16 --mode=full --variants="${FULL_VARIANTS:-fused_grads}" \
+  --dtype=bfloat16 --mode=full --variants="${FULL_VARIANTS:-indexed_layers}" \
   --out="$OUT/paired_1b_full.json"
 timeout "${PAIRED_S:-150}" python3 benchmarks/paired_ab.py --workload=llama-1b \
-  --dtype=bfloat16 --mode=lora --variants="${LORA_VARIANTS:-lora_two_products}" \
+  --dtype=bfloat16 --mode=lora --variants="${LORA_VARIANTS:-lora_two_products,indexed_layers}" \
   --out="$OUT/paired_1b_lora.json"

@@ -159,6 +159,22 @@ def _adapter_in_product(rule):
     return _patched(lora, "adapter_in_base_product", rule)
 
 
+def _indexed_layers():
+    """The layer loop (as `layer_loop`), taking layer i as x[i] (its transpose:
+    zero-padded arrays summed), not through lax.split (layers.layer_slices)."""
+    import jax
+
+    from ftlib.models import llama
+
+    def indexed(tree, L):
+        return [jax.tree.map(lambda x: x[i], tree) for i in range(L)]
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(_config_override(scan_layers=False))
+    stack.enter_context(_patched(llama, "layer_slices", indexed))
+    return stack
+
+
 def _uninitialized_scan_stacks():
     """lax.scan's stacked outputs without the zero fill: uninitialized_stacks.py."""
     import uninitialized_stacks
@@ -240,6 +256,7 @@ VARIANTS = {
     "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
     "uninitialized_scan_stacks": _uninitialized_scan_stacks,
+    "indexed_layers": _indexed_layers,
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,
     "xla_lora_products": _xla_lora_products,

@@ -26,6 +26,7 @@ from ftlib.models.layers import (
     Linear,
     accumulation_dtype,
     einsum,
+    layer_slices,
     param,
     scans_layers,
     stacked,
@@ -311,8 +312,8 @@ class BertClassifier(nnx.Module):
         xs = (state, keys, prefix_kv)
         if scans_layers(self.cfg.scan_layers):
             return jax.lax.scan(body, h, xs, unroll=self.cfg.scan_unroll)[0]
-        for i in range(L):
-            h = body(h, jax.tree.map(lambda x: x[i], xs))[0]
+        for layer in layer_slices(xs, L):
+            h = body(h, layer)[0]
         return h
 
     def pool(self, h_BTD, attention_mask_BT=None):

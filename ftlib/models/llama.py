@@ -21,6 +21,7 @@ from ftlib.models.layers import (
     Linear,
     RMSNorm,
     apply_rope,
+    layer_slices,
     rope_tables,
     scans_layers,
     swiglu,
@@ -325,13 +326,9 @@ class Llama(nnx.Module):
             body = jax.checkpoint(body, policy=policy)
         if scans_layers(self.cfg.scan_layers):
             return jax.lax.scan(body, h, (state, keys, buffers), unroll=self.cfg.scan_unroll)
-        # lax.split, not x[i]: its transpose concatenates the layers' gradients into the
-        # stacked one, where indexing's is a zero-padded [layers, ...] array per layer, summed.
-        stacked, treedef = jax.tree.flatten((state, keys, buffers))
-        split = [jax.lax.split(x, (1,) * L) for x in stacked]
         outs = []
-        for i in range(L):
-            h, out = body(h, treedef.unflatten([parts[i][0] for parts in split]))
+        for layer in layer_slices((state, keys, buffers), L):
+            h, out = body(h, layer)
             outs.append(out)
         return h, None if kv is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
