@@ -194,34 +194,33 @@ def _xla_batched_products():
     return _patched(mkl_gemm, "einsum_transposes", lambda spec: None)
 
 
+def _kernel_off(module: str, name: str):
+    """module.name (an ftlib kernel module the code asks `applies`) replaced by a stub that
+    always says no, so that code keeps XLA's ops."""
+    import importlib
+
+    stub = types.SimpleNamespace(applies=lambda *operands: False)
+    return _patched(importlib.import_module(module), name, stub)
+
+
 def _xla_lora_products():
     """LoRA's rank-r products in XLA's kernels, the rest as ftlib runs it."""
-    from ftlib.peft import lora
-
-    return _patched(lora, "mkl_gemm", types.SimpleNamespace(applies=lambda *operands: False))
+    return _kernel_off("ftlib.peft.lora", "mkl_gemm")
 
 
 def _xla_softmax_xent():
     """The LM head's per-block softmax cross-entropy in XLA's ops, not softmax_xent.cc."""
-    from ftlib import linear_cross_entropy as lce
-
-    return _patched(lce, "softmax_xent", types.SimpleNamespace(applies=lambda logits: False))
+    return _kernel_off("ftlib.linear_cross_entropy", "softmax_xent")
 
 
 def _xla_swiglu_backward():
     """SwiGLU's backward in XLA's ops, not swiglu_backward.cc."""
-    from ftlib.models import layers
-
-    stub = types.SimpleNamespace(applies=lambda *operands: False)
-    return _patched(layers, "swiglu_backward", stub)
+    return _kernel_off("ftlib.models.layers", "swiglu_backward")
 
 
 def _xla_rms_norm():
     """RMSNorm forward and backward in XLA's ops, not rms_norm_kernel.cc."""
-    from ftlib.models import layers
-
-    stub = types.SimpleNamespace(applies=lambda *operands: False)
-    return _patched(layers, "rms_norm_kernel", stub)
+    return _kernel_off("ftlib.models.layers", "rms_norm_kernel")
 
 
 def _xla_elementwise():

@@ -31,10 +31,9 @@ def patched():
     original = loops._empty_array
 
     def empty_array(prefix, length_spec, aval):
-        shape = (*prefix, *aval.shape)
-        if not KERNEL.applies(jax.ShapeDtypeStruct(shape, aval.dtype)):
+        out = jax.ShapeDtypeStruct((*prefix, *aval.shape), aval.dtype)
+        if not KERNEL.applies(out):
             return original(prefix, length_spec, aval)
-        out = jax.ShapeDtypeStruct(shape, aval.dtype)
         # Side-effecting, so that XLA neither merges two stacks of one shape into one
         # buffer nor moves the call.
         return jax.ffi.ffi_call("ftlib_uninitialized", out, has_side_effect=True)()

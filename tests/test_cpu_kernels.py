@@ -1,5 +1,5 @@
-"""ftlib's elementwise C++ kernels against numpy and autodiff: softmax_xent.cc (the LM
-head's per-row softmax cross-entropy) and swiglu_backward.cc."""
+"""ftlib's elementwise C++ kernels against numpy, autodiff and XLA's ops: softmax_xent.cc
+(the LM head's per-row softmax cross-entropy), swiglu_backward.cc and rms_norm_kernel.cc."""
 
 import jax
 import jax.numpy as jnp

@@ -117,11 +117,17 @@ def _lora_product_bwd(scale, res, g_TO):
         da_RD = mkl_gemm.gemm(dxa_NR, x_ND, transpose_a=True)
         return dx_TD, da_RD, mkl_gemm.gemm(xa_NR, g_NO, transpose_a=True)
     dxa_NR = dot(g_NO, b_RO.T) * scale
-    dx_TD = dot(dxa_NR, a_RD).reshape(x_TD.shape)
+    dx_ND, da_RD, db_RO = _factor_grads(dxa_NR, x_ND, xa_NR, g_NO, a_RD, b_RO.dtype)
+    return dx_ND.reshape(x_TD.shape), da_RD, db_RO
+
+
+def _factor_grads(dxa_NR, x_ND, xa_NR, g_NO, a_RD, b_dtype):
+    """XLA's products for the adapter path's gradients given dxa = d(loss)/d(s x A^T):
+    -> (its dx [N, D], dA, dB); x is the adapter's input, xa = s x A^T."""
     acc = accumulation_dtype(x_ND, g_NO)
     da_RD = jax.lax.dot_general(dxa_NR, x_ND, OVER_TOKENS, preferred_element_type=acc)
     db_RO = jax.lax.dot_general(xa_NR, g_NO, OVER_TOKENS, preferred_element_type=acc)
-    return dx_TD, da_RD.astype(a_RD.dtype), db_RO.astype(b_RO.dtype)
+    return dot(dxa_NR, a_RD), da_RD.astype(a_RD.dtype), db_RO.astype(b_dtype)
 
 
 lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
@@ -161,14 +167,16 @@ def _in_product_bwd(scale, res, g_TO):
     g_NO, xa_NR = g_TO.reshape(-1, g_TO.shape[-1]), xa_TR.reshape(-1, xa_TR.shape[-1])
     dxc_NK = dot(g_NO, wb_KO.T)  # [g W^T | g B^T] in one product
     dxa_NR = dxc_NK[:, D:] * scale
+    dxd_ND, da_RD, db_RO = _factor_grads(dxa_NR, xd_ND, xa_NR, g_NO, a_RD, wb_KO.dtype)
     acc = accumulation_dtype(x_ND, g_NO)
-    over_tokens = functools.partial(jax.lax.dot_general, dimension_numbers=OVER_TOKENS)
+    dw_DO = jax.lax.dot_general(x_ND, g_NO, OVER_TOKENS, preferred_element_type=acc)
+    shape = x_TD.shape
     return (
-        dxc_NK[:, :D].reshape(x_TD.shape),
-        dot(dxa_NR, a_RD).reshape(x_TD.shape),
-        over_tokens(x_ND, g_NO, preferred_element_type=acc).astype(wb_KO.dtype),
-        over_tokens(dxa_NR, xd_ND, preferred_element_type=acc).astype(a_RD.dtype),
-        over_tokens(xa_NR, g_NO, preferred_element_type=acc).astype(wb_KO.dtype),
+        dxc_NK[:, :D].reshape(shape),
+        dxd_ND.reshape(shape),
+        dw_DO.astype(wb_KO.dtype),
+        da_RD,
+        db_RO,
     )
 
 
