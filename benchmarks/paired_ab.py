@@ -223,6 +223,11 @@ def _xla_rms_norm():
     return _kernel_off("ftlib.models.layers", "rms_norm_kernel")
 
 
+def _xla_adamw():
+    """The optimizer step as optax's chain compiles it in XLA, not adamw_kernel.cc."""
+    return _kernel_off("ftlib.optim", "fused_adamw")
+
+
 def _xla_elementwise():
     """All three elementwise C++ kernels off: the head's softmax, SwiGLU's backward and
     RMSNorm in XLA's ops (the products stay in MKL)."""
@@ -263,6 +268,7 @@ VARIANTS = {
     "xla_swiglu_backward": _xla_swiglu_backward,
     "xla_rms_norm": _xla_rms_norm,
     "xla_elementwise": _xla_elementwise,
+    "xla_adamw": _xla_adamw,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

@@ -31,6 +31,9 @@ from ftlib.errors import FtlibError
 HERE = pathlib.Path(__file__).parent
 HEADERS = (HERE / "cpu_pool.h", HERE / "cpu_math.h")
 CHOICES = ("auto", "xla", "mkl")
+# No errno from sqrt and no trapping FP exceptions: neither is ever read, and without
+# them GCC leaves loops with a square root or a select over a division scalar.
+FLAGS = ("-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 
 
 class Unavailable(FtlibError):
@@ -51,8 +54,8 @@ def single_cpu_device() -> bool:
 
 
 def build(source: pathlib.Path) -> pathlib.Path:
-    """Compiles `source` once per source, header and jax version -> the cached .so."""
-    text = source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    """Compiles `source` once per source, header, flag and jax version -> the cached .so."""
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS) + str(FLAGS).encode()
     key = hashlib.sha256(text + jax.__version__.encode()).hexdigest()[:16]
     cache = assets.cache_dir() / "kernels"
     library = cache / f"{source.stem}-{key}.so"
@@ -64,7 +67,7 @@ def build(source: pathlib.Path) -> pathlib.Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then an atomic rename
         built = pathlib.Path(tmp) / library.name
-        cmd = [compiler, "-O3", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w"]
+        cmd = [compiler, *FLAGS, "-shared", "-fPIC", "-w"]
         cmd += [f"-I{jax.ffi.include_dir()}", f"-I{HERE}", str(source), "-o", str(built)]
         done = subprocess.run(cmd + ["-ldl"], capture_output=True, text=True)
         if done.returncode:

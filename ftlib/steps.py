@@ -16,6 +16,7 @@ import optax
 from flax import nnx, struct
 
 from ftlib.linear_cross_entropy import is_first_max, linear_cross_entropy
+from ftlib.optim import apply_gradients
 
 OBJECTIVES = ("causal_lm", "sequence_classification")
 
@@ -116,7 +117,7 @@ def materialized(grads):
 
 def make_train_step(
     graphdef,
-    tx: optax.GradientTransformation,
+    tx,
     dropout_seed: int = 0,
     max_targets: int = 0,
     objective: str = "causal_lm",
@@ -143,11 +144,10 @@ def make_train_step(
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = materialized(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, grad_norm = apply_gradients(tx, grads, state.opt_state, state.params)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "tokens": sums["tokens"],
             accuracy_name: sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
         }

@@ -40,7 +40,7 @@ def test_model_flops_counts_weight_gradients_only_for_trainable_matmuls():
 def test_paired_ab_variants_change_the_build_and_restore_it():
     import paired_ab
 
-    from ftlib import linear_cross_entropy, steps
+    from ftlib import linear_cross_entropy, optim, steps
     from ftlib.models import attention, layers, llama
     from ftlib.models.llama import Llama
     from ftlib.peft import lora
@@ -73,6 +73,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "xla_softmax_xent": (linear_cross_entropy, "softmax_xent"),
         "xla_swiglu_backward": (layers, "swiglu_backward"),
         "xla_rms_norm": (layers, "rms_norm_kernel"),
+        "xla_adamw": (optim, "fused_adamw"),
     }
     for name, (owner, attr) in patched.items():
         before = getattr(owner, attr)

@@ -1,0 +1,73 @@
+"""optim.apply_gradients' fused AdamW (adamw_kernel.cc) against optax's chain: same
+params, moments and counts over several steps, clipped or not, decayed or not."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from ftlib import fused_adamw, optim
+
+pytestmark = pytest.mark.skipif(
+    not fused_adamw.applies(jnp.zeros(2, jnp.float32)),
+    reason=f"the AdamW kernel is unavailable here: {fused_adamw.KERNEL.load()}",
+)
+
+
+def _optimizer(clip: float, accumulate: int = 1):
+    cfg = default.get_config().optim
+    cfg.update(dict(grad_clip_norm=clip, warmup_steps=3, grad_accum_steps=accumulate))
+    return optim.make_optimizer(cfg, 20)
+
+
+def _params(rng):
+    # 40,000 elements: several of the kernel's 16,384-element work units, the last short.
+    return {
+        "big": jnp.asarray(rng.normal(size=(40_000,)), jnp.float32),
+        "w": jnp.asarray(rng.normal(size=(30, 7)), jnp.float32),
+        "scale": jnp.asarray(rng.normal(size=(7,)), jnp.float32),  # no weight decay
+    }
+
+
+def _optax_step(tx, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_fused_steps_match_optax(clip):
+    rng = np.random.default_rng(0)
+    tx = _optimizer(clip)
+    fused = jax.jit(lambda *a: optim.apply_gradients(tx, *a))
+    reference = jax.jit(lambda *a: _optax_step(tx, *a))
+    params = _params(rng)
+    assert "ftlib_adamw" in fused.lower(params, tx.init(params), params).as_text()
+    got = want = (params, tx.init(params))
+    for step in range(8):
+        # Gradient norms far above and below the clip norm, so both sides are taken.
+        size = 10.0 if step % 2 else 1e-3
+        grads = jax.tree.map(
+            lambda x: jnp.asarray(size * rng.normal(size=x.shape), x.dtype), params
+        )
+        p, s, norm = fused(grads, got[1], got[0])
+        p_ref, s_ref, norm_ref = reference(grads, want[1], want[0])
+        got, want = (p, s), (p_ref, s_ref)
+        np.testing.assert_allclose(norm, norm_ref, rtol=1e-5)
+        assert jax.tree.structure(s) == jax.tree.structure(s_ref)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+    assert int(s[1][0].count) == 8 and int(s[1][2].count) == 8
+
+
+def test_accumulation_and_the_switch_keep_optax(monkeypatch):
+    params = _params(np.random.default_rng(1))
+    accumulating = _optimizer(1.0, accumulate=2)
+    step = jax.jit(lambda *a: optim.apply_gradients(accumulating, *a))
+    assert "ftlib_adamw" not in step.lower(params, accumulating.init(params), params).as_text()
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
+    tx = _optimizer(1.0)
+    step = jax.jit(lambda *a: optim.apply_gradients(tx, *a))
+    assert "ftlib_adamw" not in step.lower(params, tx.init(params), params).as_text()
