@@ -8,11 +8,14 @@
 // parameter-sized arrays where 7 suffice (read p, g, m, v; write p, m, v), at memory
 // speed (benchmarks/README.md has the timings).
 //
-//   ftlib_adamw: p, g, m, v [n], scalars [5] = (-lr, 1 - b1^t, 1 - b2^t, gradient norm,
-//     clip norm) -> p', m', v' [n] (updated in place: aliased to p, m, v), sum of g^2 [] (g before
-//     clipping; summed per unit, then in unit order: the same result on every run).
-//   Per element, in optax's order of operations:
-//     g <- (g / norm) * clip             if clip > 0 and not norm < clip
+//   ftlib_adamw: p, g, m, v [n], scalars [6] = (-lr, 1 / (1 - b1^t), 1 / (1 - b2^t),
+//     gradient norm, 1 / gradient norm, clip norm) -> p', m', v' [n] (updated in place:
+//     aliased to p, m, v), sum of g^2 [] (g before clipping; summed per unit, then in
+//     unit order: the same result on every run).
+//   Per element, optax's operations as XLA:CPU compiles them (its divisions by a scalar
+//   become products with the reciprocal). XLA also fuses some multiply-adds where this
+//   kernel rounds every product, so the two paths agree to a few ulps, not bit for bit:
+//     g <- (g * (1 / norm)) * clip       if clip > 0 and not norm < clip
 //     m' = (1 - b1) g + b1 m;  v' = (1 - b2) g^2 + b2 v
 //     u = (m' / (1 - b1^t)) / (sqrt(v' / (1 - b2^t)) + eps) [+ wd p]
 //     p' = p + (-lr) u
@@ -25,6 +28,11 @@
 #include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
+// Every product and sum rounded on its own: no fused multiply-adds, so that the AVX-512,
+// AVX2 and baseline builds give the same bits.
+#pragma STDC FP_CONTRACT OFF             // clang
+#pragma GCC optimize("fp-contract=off")  // GCC ignores the standard pragma in C++
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -32,7 +40,7 @@ namespace {
 constexpr int64_t kElementsPerUnit = 1 << 14;  // 64 KB of each array per unit
 
 struct Hyper {
-  float neg_lr, correction1, correction2, norm, clip;
+  float neg_lr, inv_correction1, inv_correction2, norm, inv_norm, clip;
   float one_minus_b1, b1, one_minus_b2, b2, eps, weight_decay;
 };
 
@@ -49,10 +57,10 @@ FTLIB_VECTOR_CLONES float UpdateRange(const Hyper h, int64_t n, float* __restric
     const float pi = p[i];
     float gi = g[i];
     sum_sq += gi * gi;
-    if (kClipped) gi = (gi / h.norm) * h.clip;
+    if (kClipped) gi = (gi * h.inv_norm) * h.clip;
     const float mi = h.one_minus_b1 * gi + h.b1 * m[i];
     const float vi = h.one_minus_b2 * (gi * gi) + h.b2 * v[i];
-    float u = (mi / h.correction1) / (std::sqrt(vi / h.correction2) + h.eps);
+    float u = (mi * h.inv_correction1) / (std::sqrt(vi * h.inv_correction2) + h.eps);
     if (kDecays) u = u + h.weight_decay * pi;
     p[i] = pi + h.neg_lr * u;
     m[i] = mi;
@@ -75,11 +83,11 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi:
                  float weight_decay) {
   const int64_t n = p.element_count();
   if (g.element_count() != n || m.element_count() != n || v.element_count() != n ||
-      scalars.element_count() != 5) {
-    return ffi::Error::InvalidArgument("ftlib_adamw: p, g, m, v differ in size");
+      scalars.element_count() != 6) {
+    return ffi::Error::InvalidArgument("ftlib_adamw: p, g, m, v differ in size or scalars not 6");
   }
   const float* s = scalars.typed_data();
-  const Hyper h{s[0], s[1], s[2], s[3], s[4], one_minus_b1, b1, one_minus_b2, b2, eps,
+  const Hyper h{s[0], s[1], s[2], s[3], s[4], s[5], one_minus_b1, b1, one_minus_b2, b2, eps,
                 weight_decay};
   float *pp = p_out->typed_data(), *mp = m_out->typed_data(), *vp = v_out->typed_data();
   if (pp != p.typed_data() || mp != m.typed_data() || vp != v.typed_data()) {

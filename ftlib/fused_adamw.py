@@ -32,10 +32,12 @@ def applies(*trees) -> bool:
 def update(p, g, m, v, scalars, *, b1: float, b2: float, eps: float, weight_decay: float):
     """One AdamW step of one parameter -> (p', m', v', sum of g^2 before clipping).
 
-    scalars: float32 [5] = (-lr, 1 - b1^t, 1 - b2^t, global gradient norm, clip norm);
-    a clip norm of 0 turns clipping off. The arithmetic is optax's, in optax's order
-    (clip_by_global_norm, scale_by_adam, add_decayed_weights, scale_by_learning_rate,
-    apply_updates). p, m and v are updated in place when their buffers are donated."""
+    scalars: float32 [6] = (-lr, 1 / (1 - b1^t), 1 / (1 - b2^t), global gradient norm,
+    its reciprocal, clip norm); a clip norm of 0 turns clipping off. The arithmetic is
+    optax's (clip_by_global_norm, scale_by_adam, add_decayed_weights,
+    scale_by_learning_rate, apply_updates) operation for operation as XLA:CPU compiles
+    it, except for the multiply-adds XLA fuses: the two agree to a few ulps. p, m and v
+    are updated in place when their buffers are donated."""
     out = (
         jax.ShapeDtypeStruct(p.shape, jnp.float32),
         jax.ShapeDtypeStruct(m.shape, jnp.float32),

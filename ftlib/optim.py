@@ -8,13 +8,15 @@ fused pass per parameter where ftlib's CPU kernels run (ftlib.fused_adamw).
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from ftlib import fused_adamw
+from ftlib.errors import FtlibError
 from ftlib.masks import tree_path_str
 
 
@@ -44,16 +46,20 @@ def decay_mask(no_decay_regex: str):
 class AdamW(NamedTuple):
     """optax.chain(clip_by_global_norm or identity, adamw) for config.optim: `init` and
     `update` are the chain's, so it goes wherever an optax.GradientTransformation does;
-    `cfg` and `schedule` let apply_gradients run the chain's update fused."""
+    `cfg` (frozen) and `schedule` let apply_gradients run the chain's update fused.
+    Built by make_optimizer only: _fused_adamw_step mirrors that chain, so a change to
+    one is a change to both."""
 
     init: optax.TransformInitFn
     update: optax.TransformUpdateFn
-    cfg: Any  # config.optim
+    cfg: ml_collections.FrozenConfigDict  # config.optim
     schedule: optax.Schedule
 
 
 def make_optimizer(cfg, total_steps: int):
     """`cfg` is config.optim -> AdamW, wrapped in optax.MultiSteps when it accumulates."""
+    if cfg.grad_clip_norm < 0:
+        raise FtlibError(f"optim.grad_clip_norm={cfg.grad_clip_norm}: a norm >= 0 (0 = off)")
     schedule = learning_rate_schedule(cfg, total_steps)
     chain = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity(),
@@ -66,7 +72,7 @@ def make_optimizer(cfg, total_steps: int):
             mask=decay_mask(cfg.no_decay),
         ),
     )
-    tx = AdamW(chain.init, chain.update, cfg, schedule)
+    tx = AdamW(chain.init, chain.update, ml_collections.FrozenConfigDict(cfg), schedule)
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
     return tx
@@ -76,8 +82,8 @@ def apply_gradients(tx, grads, opt_state, params):
     """One optimizer step -> (params, opt_state, global norm of `grads`).
 
     An AdamW whose leaves ftlib's CPU kernel takes runs fused_adamw leaf by leaf on the
-    chain's own state (same pytrees, same arithmetic); anything else runs `tx.update`
-    and optax.apply_updates."""
+    chain's own state (same pytrees, same arithmetic); anything else runs `tx.update` and
+    optax.apply_updates."""
     if isinstance(tx, AdamW):
         adam = opt_state[1][0]  # make_optimizer's chain: (clip, (adam, decay, lr))
         if fused_adamw.applies(params, grads, adam.mu, adam.nu):
@@ -89,37 +95,38 @@ def apply_gradients(tx, grads, opt_state, params):
 def _fused_adamw_step(tx: AdamW, grads, opt_state, params):
     cfg = tx.cfg
     clip_state, (adam, decay_state, lr_state) = opt_state
-    clip = cfg.grad_clip_norm
-    norm = optax.tree.norm(grads) if clip else jnp.zeros((), jnp.float32)
+    # With clipping the norm comes first, from its own pass over the gradients; without,
+    # the kernel's sums of squares give it.
+    norm = optax.tree.norm(grads) if cfg.grad_clip_norm else jnp.zeros((), jnp.float32)
     count = optax.safe_increment(adam.count)
+    # Scalars as XLA:CPU computes them for optax's chain: its divisions by a scalar are
+    # products with the scalar's reciprocal.
     scalars = jnp.stack(
         [
             -tx.schedule(lr_state.count),
-            1 - cfg.b1**count,  # optax's bias corrections, as it computes them
-            1 - cfg.b2**count,
+            1 / (1 - cfg.b1**count),  # optax's bias corrections
+            1 / (1 - cfg.b2**count),
             norm,
-            jnp.float32(clip),
+            1 / norm,
+            cfg.grad_clip_norm,
         ]
     ).astype(jnp.float32)
     treedef = jax.tree.structure(params)
     decays = treedef.flatten_up_to(decay_mask(cfg.no_decay)(params))
-    p, m, v, sum_sq = zip(
-        *(
-            fused_adamw.update(
-                *leaf,
-                scalars,
-                b1=cfg.b1,
-                b2=cfg.b2,
-                eps=cfg.eps,
-                weight_decay=cfg.weight_decay if decay else 0.0,
+    leaves = zip(*(treedef.flatten_up_to(t) for t in (params, grads, adam.mu, adam.nu)), decays)
+    new_p, new_m, new_v, sums = [], [], [], []
+    for p, g, m, v, decay in leaves:
+        if p.size:  # a zero-size leaf has nothing to update (and no buffer to alias)
+            wd = cfg.weight_decay if decay else 0.0
+            p, m, v, sum_sq = fused_adamw.update(
+                p, g, m, v, scalars, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd
             )
-            for *leaf, decay in zip(
-                *(treedef.flatten_up_to(t) for t in (params, grads, adam.mu, adam.nu)), decays
-            )
-        )
-    )
-    grad_norm = norm if clip else jnp.sqrt(sum(sum_sq))
-    adam = adam._replace(count=count, mu=treedef.unflatten(m), nu=treedef.unflatten(v))
+            sums.append(sum_sq)
+        new_p.append(p)
+        new_m.append(m)
+        new_v.append(v)
+    grad_norm = norm if cfg.grad_clip_norm else jnp.sqrt(sum(sums))
+    adam = adam._replace(count=count, mu=treedef.unflatten(new_m), nu=treedef.unflatten(new_v))
     lr_state = lr_state._replace(count=optax.safe_increment(lr_state.count))
     opt_state = (clip_state, (adam, decay_state, lr_state))
-    return treedef.unflatten(p), opt_state, grad_norm
+    return treedef.unflatten(new_p), opt_state, grad_norm

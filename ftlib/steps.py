@@ -28,11 +28,10 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def init_train_state(
-    model: nnx.Module, mask, tx: optax.GradientTransformation, frozen_dtype: str = ""
-):
+def init_train_state(model: nnx.Module, mask, tx, frozen_dtype: str = ""):
     """Splits `model` by its trainable `mask` -> (graphdef, TrainState at step 0
-    holding the trainable params and their optimizer state, frozen params).
+    holding the trainable params and their optimizer state, frozen params). `tx` is
+    optim.make_optimizer's optimizer, or any optax transformation.
 
     frozen_dtype (e.g. 'bfloat16') stores the frozen floating params in that dtype:
     for LoRA-style methods the base model is nearly all the memory, and layers cast
@@ -123,6 +122,7 @@ def make_train_step(
     objective: str = "causal_lm",
 ):
     """(state, frozen, batch) -> (state, metrics). Jit it with the state donated.
+    `tx` is as for init_train_state; optim.apply_gradients runs its update.
     Metrics: loss, grad_norm, tokens and token_accuracy (causal_lm) or accuracy."""
     _check_objective(objective)
     base_key = jax.random.key(dropout_seed)
