@@ -317,6 +317,7 @@ def main():
     parser.add_argument("--variants", default="plain_head", help=f"comma list of {known}")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds after 3 warm-up")
     parser.add_argument("--layers", type=int, default=0, help="the workload at this depth")
+    parser.add_argument("--grad_clip_norm", type=float, default=0.0, help="0: no clipping")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     names = ["ftlib", *[v for v in args.variants.split(",") if v != "ftlib"]]
@@ -336,7 +337,9 @@ def main():
         try:
             with depth(), VARIANTS.get(name, contextlib.nullcontext)():
                 cfg = step_time.llama_config(args.workload, args.dtype, args.attention)
-                step, state, frozen, _ = step_time.train_setup(cfg, args.mode, rounds)
+                step, state, frozen, _ = step_time.train_setup(
+                    cfg, args.mode, rounds, args.grad_clip_norm
+                )
                 start = time.perf_counter()
                 lowered = step.lower(state, frozen, batches[0])
                 step = lowered.compile(COMPILER_OPTIONS.get(name))
@@ -366,6 +369,7 @@ def main():
             "variant": name,
             "dtype": args.dtype,
             "layers": args.layers or step_time.WORKLOADS[args.workload].layers,
+            "grad_clip_norm": args.grad_clip_norm,
             "median_step_s": float(np.median(times)),
             "paired_ratio_to_ftlib": float(np.median(times / base)),
             "compile_s": runs[name]["compile_s"],

@@ -80,11 +80,11 @@ def model_flops(w: Workload, trainable_matmul_params: int) -> int:
     return dense + attention
 
 
-def train_setup(cfg, mode: str, total_steps: int):
+def train_setup(cfg, mode: str, total_steps: int, grad_clip_norm: float = 0.0):
     """The benchmark's method and optimizer on a Llama of `cfg` -> (jitted donated
     train step, state, frozen, mask): `full`, or LoRA r=8, alpha=16, no dropout on
     all projections; AdamW lr 1e-4, wd 0.01 on every param (as torch's AdamW), no
-    clipping, constant schedule."""
+    clipping (unless `grad_clip_norm`: the default config's 1.0), constant schedule."""
     import jax
     from flax import nnx
 
@@ -97,7 +97,7 @@ def train_setup(cfg, mode: str, total_steps: int):
     c.peft.lora.update(dict(rank=8, alpha=16.0, dropout=0.0, rslora=False))
     c.peft.lora.target_modules = r".*/(q|k|v|o|gate|up|down)_proj"
     c.optim.update(dict(learning_rate=1e-4, warmup_steps=0, end_lr_ratio=1.0, weight_decay=0.01))
-    c.optim.update(dict(no_decay="", grad_clip_norm=0.0, grad_accum_steps=1))
+    c.optim.update(dict(no_decay="", grad_clip_norm=grad_clip_norm, grad_accum_steps=1))
     model = Llama(cfg, rngs=nnx.Rngs(0))
     mask = peft.apply_method(model, c.peft)
     tx = optim.make_optimizer(c.optim, total_steps)

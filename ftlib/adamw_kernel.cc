@@ -12,6 +12,8 @@
 //     gradient norm, 1 / gradient norm, clip norm) -> p', m', v' [n] (updated in place:
 //     aliased to p, m, v), sum of g^2 [] (g before clipping; summed per unit, then in
 //     unit order: the same result on every run).
+//   ftlib_sum_squares: g [n] -> sum of g^2 [] (summed as above): with clipping, the
+//     global norm has to come before the update, in one read of each gradient.
 //   Per element, optax's operations as XLA:CPU compiles them (its divisions by a scalar
 //   become products with the reciprocal). XLA also fuses some multiply-adds where this
 //   kernel rounds every product, so the two paths agree to a few ulps, not bit for bit:
@@ -75,6 +77,27 @@ float UpdateRange(const Hyper& h, int64_t n, float* p, const float* g, float* m,
                                 : UpdateRange<kClipped, false>(h, n, p, g, m, v);
 }
 
+FTLIB_VECTOR_CLONES float SumSquares(int64_t n, const float* __restrict g) {
+  float sum_sq = 0.0f;
+#pragma omp simd reduction(+ : sum_sq)
+  for (int64_t i = 0; i < n; ++i) sum_sq += g[i] * g[i];
+  return sum_sq;
+}
+
+// fn(lo, hi) -> a float for each unit of [0, n), run over the pool; -> their sum, added
+// in unit order so that it is the same on every run.
+template <typename Fn>
+float SumOverUnits(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  const int64_t units = (n + kElementsPerUnit - 1) / kElementsPerUnit;
+  std::vector<float> partial(units, 0.0f);
+  float* part = partial.data();
+  ftlib::ParallelForChunks(pool, n, kElementsPerUnit,
+                           [=](int64_t u, int64_t lo, int64_t hi) { part[u] = fn(lo, hi); });
+  float total = 0.0f;
+  for (int64_t u = 0; u < units; ++u) total += partial[u];
+  return total;
+}
+
 ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> g,
                  ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> scalars,
                  ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
@@ -95,20 +118,29 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi:
   }
   const float* gp = g.typed_data();
   const bool clipped = h.clip > 0.0f && !(h.norm < h.clip);
-  const int64_t units = (n + kElementsPerUnit - 1) / kElementsPerUnit;
-  std::vector<float> partial(units, 0.0f);
-  float* part = partial.data();
-  ftlib::ParallelForChunks(pool, n, kElementsPerUnit, [=](int64_t u, int64_t lo, int64_t hi) {
-    part[u] = clipped ? UpdateRange<true>(h, hi - lo, pp + lo, gp + lo, mp + lo, vp + lo)
-                      : UpdateRange<false>(h, hi - lo, pp + lo, gp + lo, mp + lo, vp + lo);
+  const float total = SumOverUnits(pool, n, [=](int64_t lo, int64_t hi) {
+    return clipped ? UpdateRange<true>(h, hi - lo, pp + lo, gp + lo, mp + lo, vp + lo)
+                   : UpdateRange<false>(h, hi - lo, pp + lo, gp + lo, mp + lo, vp + lo);
   });
-  float total = 0.0f;
-  for (int64_t u = 0; u < units; ++u) total += partial[u];
   *sum_sq->typed_data() = total;
   return ffi::Error::Success();
 }
 
+ffi::Error SumOfSquares(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                        ffi::ResultBuffer<ffi::F32> sum_sq) {
+  const float* gp = g.typed_data();
+  auto range = [=](int64_t lo, int64_t hi) { return SumSquares(hi - lo, gp + lo); };
+  *sum_sq->typed_data() = SumOverUnits(pool, g.element_count(), range);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSumSquares, SumOfSquares,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibAdamW, AdamW,
                               ffi::Ffi::Bind()

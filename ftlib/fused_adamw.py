@@ -3,10 +3,11 @@
 XLA:CPU runs optax's clip + adamw + apply_updates as about 13 passes over
 parameter-sized arrays (both moments, the parameter reading them back, g^2 written out
 for the gradient norm and reduced); the kernel reads p, g, m, v once and writes p, m, v
-in place, summing g^2 on the way. ftlib.optim.apply_gradients calls it leaf by leaf on
-optax's own state, so checkpoints and the non-fused path see the same pytrees. It runs
-where ftlib's CPU kernels do (ftlib.ffi_kernels: fp32, one CPU device, the
-`FTLIB_CPU_GEMM` switch).
+in place, summing g^2 on the way. With clipping the norm has to come first:
+`sum_squares` reads each gradient once for it. ftlib.optim.apply_gradients calls them
+leaf by leaf on optax's own state, so checkpoints and the non-fused path see the same
+pytrees. It runs where ftlib's CPU kernels do (ftlib.ffi_kernels: fp32, one CPU
+device, the `FTLIB_CPU_GEMM` switch).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import numpy as np
 from ftlib import ffi_kernels
 
 SOURCE = pathlib.Path(__file__).parent / "adamw_kernel.cc"
-KERNEL = ffi_kernels.Kernel(SOURCE, {"ftlib_adamw": "FtlibAdamW"}, "AdamW stays in XLA")
+KERNEL = ffi_kernels.Kernel(
+    SOURCE,
+    {"ftlib_adamw": "FtlibAdamW", "ftlib_sum_squares": "FtlibSumSquares"},
+    "AdamW stays in XLA",
+)
 
 
 def applies(*trees) -> bool:
@@ -60,3 +65,8 @@ def update(p, g, m, v, scalars, *, b1: float, b2: float, eps: float, weight_deca
         eps=np.float32(eps),
         weight_decay=np.float32(weight_decay),
     )
+
+
+def sum_squares(g):
+    """-> the sum of g^2 as a float32 scalar, in one read of g."""
+    return KERNEL.call("ftlib_sum_squares", jax.ShapeDtypeStruct((), jnp.float32), g)

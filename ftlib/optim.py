@@ -95,9 +95,12 @@ def apply_gradients(tx, grads, opt_state, params):
 def _fused_adamw_step(tx: AdamW, grads, opt_state, params):
     cfg = tx.cfg
     clip_state, (adam, decay_state, lr_state) = opt_state
-    # With clipping the norm comes first, from its own pass over the gradients; without,
-    # the kernel's sums of squares give it.
-    norm = optax.tree.norm(grads) if cfg.grad_clip_norm else jnp.zeros((), jnp.float32)
+    # With clipping the norm comes first, from one read of each gradient; without, the
+    # update's own sums of squares give it.
+    if cfg.grad_clip_norm:
+        norm = jnp.sqrt(sum(fused_adamw.sum_squares(g) for g in jax.tree.leaves(grads) if g.size))
+    else:
+        norm = jnp.zeros((), jnp.float32)
     count = optax.safe_increment(adam.count)
     # Scalars as XLA:CPU computes them for optax's chain: its divisions by a scalar are
     # products with the scalar's reciprocal.

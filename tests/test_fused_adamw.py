@@ -59,7 +59,8 @@ def test_fused_steps_match_optax(clip):
     fused = jax.jit(lambda *a: optim.apply_gradients(tx, *a), donate_argnums=(1, 2))
     reference = jax.jit(lambda *a: _optax_step(tx, *a))
     params = _params(rng)
-    assert "ftlib_adamw" in fused.lower(params, tx.init(params), params).as_text()
+    hlo = fused.lower(params, tx.init(params), params).as_text()
+    assert "ftlib_adamw" in hlo and ("ftlib_sum_squares" in hlo) == bool(clip)
     got = want = (params, tx.init(params))
     for step in range(8):
         # First gradients so small that eps outweighs sqrt(v), then norms far above and
