@@ -223,6 +223,11 @@ def _xla_rms_norm():
     return _kernel_off("ftlib.models.layers", "rms_norm_kernel")
 
 
+def _xla_attention_softmax():
+    """The blocked attention's softmax in XLA's ops (YNNPACK's fusion), not masked_softmax.cc."""
+    return _kernel_off("ftlib.models.attention", "masked_softmax")
+
+
 def _xla_adamw():
     """The optimizer step as optax's chain compiles it in XLA, not adamw_kernel.cc."""
     return _kernel_off("ftlib.optim", "fused_adamw")
@@ -269,6 +274,7 @@ VARIANTS = {
     "xla_rms_norm": _xla_rms_norm,
     "xla_elementwise": _xla_elementwise,
     "xla_adamw": _xla_adamw,
+    "xla_attention_softmax": _xla_attention_softmax,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

@@ -74,6 +74,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "xla_swiglu_backward": (layers, "swiglu_backward"),
         "xla_rms_norm": (layers, "rms_norm_kernel"),
         "xla_adamw": (optim, "fused_adamw"),
+        "xla_attention_softmax": (attention, "masked_softmax"),
     }
     for name, (owner, attr) in patched.items():
         before = getattr(owner, attr)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftlib import rms_norm_kernel, softmax_xent, swiglu_backward
-from ftlib.models import layers
+from ftlib import masked_softmax, rms_norm_kernel, softmax_xent, swiglu_backward
+from ftlib.models import attention, layers
 
 pytestmark = pytest.mark.skipif(
     not softmax_xent.applies(jnp.zeros((1, 2), jnp.float32)),
@@ -109,3 +109,40 @@ def test_rms_norm_kernels_match_xla(monkeypatch):
     want = jax.jit(lambda: value_and_vjp())()
     for name, g, w in zip(("y", "dx", "dscale"), got, want):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-4, err_msg=name)
+
+
+def test_masked_softmax_matches_jax():
+    rng = np.random.default_rng(3)
+    B, K, R, S = 2, 3, 20, 37  # rows not a multiple of the kernel's 16-row units
+    s = (rng.standard_normal((B, K, R, S)) * 5).astype(np.float32)
+    keep = rng.random((B, R, S)) < 0.7
+    keep[0, 0] = False  # a fully masked row (padding): uniform, as jax's softmax
+    bias = np.where(keep, 0.0, attention.NEG_INF).astype(np.float32)
+    got = jax.jit(masked_softmax.probs)(s, bias)
+    want = jax.nn.softmax(s + bias[:, None], axis=-1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(got)[0, :, 0], 1.0 / S, rtol=1e-6)
+
+
+def test_causal_attention_with_the_softmax_kernel_matches_xla(monkeypatch):
+    rng = np.random.default_rng(4)
+    B, T, N, H = 2, 64, 4, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) for _ in range(3))
+    pos = np.arange(T)
+    segments = np.ones((B, T), np.int32)
+    segments[1, 50:] = 0  # padding
+    mask = jnp.asarray((pos[:, None] >= pos[None, :]) & (segments[:, :, None] == segments[:, None]))
+
+    def loss_and_grads(q, k, v):
+        f = lambda *a: jnp.sum(jnp.sin(attention.causal_attention(*a, mask, 4)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    assert (
+        "ftlib_masked_softmax"
+        in jax.jit(lambda *a: attention.causal_attention(*a, mask, 4)).lower(q, k, v).as_text()
+    )
+    got = loss_and_grads(q, k, v)
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
+    want = loss_and_grads(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

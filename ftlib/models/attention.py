@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ftlib import masked_softmax
 from ftlib.models.layers import accumulation_dtype, einsum
 
 NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
@@ -164,10 +165,11 @@ def _block_mask(mask_BTT, i, rows, G):
 
 
 def mask_scores(s, keep):
-    """Scores where `keep`, NEG_INF elsewhere, as s + bias: XLA:CPU fuses an add (not a
-    select) into YNNPACK's fusion of the score product and softmax, which saves a
-    pass over the scores per block (benchmarks/README.md). The barrier keeps XLA from
-    folding the bias's select back into the add."""
+    """Scores where `keep`, NEG_INF elsewhere, as s + bias, for XLA's softmax (ftlib's CPU
+    kernel takes the bias itself, masked_softmax.cc): XLA:CPU fuses an add (not a select)
+    into YNNPACK's fusion of the score product and softmax, which saves a pass over the
+    scores per block (benchmarks/README.md). The barrier keeps XLA from folding the
+    bias's select back into the add."""
     return s + jax.lax.optimization_barrier(jnp.where(keep, 0.0, NEG_INF))
 
 
@@ -185,8 +187,12 @@ def _causal_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
         q_i = q_BKRH[:, :, i * rows * G : (i + 1) * rows * G]
         end = (i + 1) * rows
         s = einsum("bkrh,bksh->bkrs", q_i, k_BKTH[:, :, :end], float32_result=True)
-        s = mask_scores(s, _block_mask(mask_BTT, i, rows, G))
-        p = jax.nn.softmax(s, axis=-1).astype(v_BKTH.dtype)
+        keep = _block_mask(mask_BTT, i, rows, G)
+        if masked_softmax.applies(s):
+            p = masked_softmax.probs(s, jnp.where(keep[:, 0], 0.0, NEG_INF))
+        else:
+            p = jax.nn.softmax(mask_scores(s, keep), axis=-1)
+        p = p.astype(v_BKTH.dtype)
         outs.append(einsum("bkrs,bksh->bkrh", p, v_BKTH[:, :, :end]))
         probs.append(p)
     o_BKRH = jnp.concatenate(outs, axis=2)
