@@ -153,10 +153,14 @@ def _recompute_probs():
 
 def _adapter_in_product(rule):
     """LoRA's adapter inside the base product (ftlib.peft.lora.in_product) where
-    rule(d_in, d_out) says, instead of the library's choice."""
+    rule(d_in, d_out) says, else two products and an add, instead of the library's
+    choice (on the CPU: the adapter's product accumulated into the base's output)."""
     from ftlib.peft import lora
 
-    return _patched(lora, "adapter_in_base_product", rule)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_patched(lora, "adapter_in_base_product", rule))
+    stack.enter_context(_patched(lora, "adapter_accumulated", lambda *operands: False))
+    return stack
 
 
 def _indexed_layers():

@@ -65,7 +65,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "indexed_layers": (llama, "layer_slices"),
         "frozen_bf16": (steps, "init_train_state"),
         "fused_grads": (steps, "materialized"),
-        "lora_two_products": (lora, "adapter_in_base_product"),
+        "lora_two_products": (lora, "adapter_accumulated"),
         "adapter_in_product_all": (lora, "adapter_in_base_product"),
         "recompute_probs": (attention, "_causal"),
         "head_rows_512": (linear_cross_entropy, "block_rows"),

@@ -213,6 +213,44 @@ def test_lora_product_values_and_gradients_match_xla(monkeypatch):
 
 
 @needs_mkl
+@pytest.mark.parametrize("rate,bias", [(0.0, False), (0.25, True)])
+def test_lora_linear_accumulated_product_matches_xla(monkeypatch, rate, bias):
+    """LoRALinear on MKL adds the adapter's product into the base product's buffer
+    (and, without dropout, the adapter's dx into the base's): its output and the
+    gradients of x, the base kernel and both factors are those of XLA's two products
+    and add, with dropout and a bias too."""
+    from flax import nnx
+
+    from ftlib.models.layers import Linear
+    from ftlib.peft import lora
+
+    rngs = nnx.Rngs(0)
+    layer = lora.LoRALinear(
+        Linear(12, 20, ("embed", "mlp"), rngs=rngs, use_bias=bias), 4, 8.0, rate, False, rngs=rngs
+    )
+    layer.lora_b[...] = jax.random.normal(jax.random.key(5), layer.lora_b.shape)
+    x = jax.random.normal(jax.random.key(7), (2, 9, 12))
+    g = jax.random.normal(jax.random.key(9), (2, 9, 20))
+    graphdef, params = nnx.split(layer)
+
+    def value_and_grads(params, x):
+        run = lambda params, x: nnx.merge(graphdef, params)(x, jax.random.key(8))
+        y, vjp = jax.vjp(run, params, x)
+        return y, *vjp(g)
+
+    (y, dparams, dx), (want_y, want_dparams, want_dx) = _in_both(
+        monkeypatch, value_and_grads, params, x
+    )
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "mkl")
+    hlo = jax.jit(value_and_grads).lower(params, x).as_text()
+    assert hlo.count("ftlib_sgemm_acc") == (2 if rate == 0 else 1)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(dparams), jax.tree.leaves(want_dparams)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_mkl
 def test_causal_attention_matches_xla(monkeypatch):
     from ftlib.models.attention import causal_attention
 
