@@ -151,8 +151,8 @@ def accumulated_product(scale: float, x_TD, xd_TD, w_DO, a_RD, b_RO):
     is x itself: then the adapter's dx is accumulated into the base's dx as well. As
     two products and an add, XLA fuses the add into every consumer of the sum, each of
     which then reads both [tokens, out] arrays (llama-small LoRA: the gate and up sums
-    in five fusions); paired steps 0.95 of the time (benchmarks/README.md). dW is
-    dropped by XLA when W is frozen."""
+    in five fusions). Paired llama-small LoRA steps: 1-5% faster; llama-tiny's within
+    the noise (benchmarks/README.md). dW is dropped by XLA when W is frozen."""
     return _accumulated_product_fwd(scale, x_TD, xd_TD, w_DO, a_RD, b_RO)[0]
 
 
