@@ -152,9 +152,8 @@ def _recompute_probs():
 
 
 def _adapter_in_product(rule):
-    """LoRA's adapter inside the base product (ftlib.peft.lora.in_product) where
-    rule(d_in, d_out) says, else two products and an add, instead of the library's
-    choice (on the CPU: the adapter's product accumulated into the base's output)."""
+    """LoRA's adapter inside the base product (lora.in_product) where rule(d_in, d_out)
+    says, else two products and an add (on the CPU, not lora.accumulated_product)."""
     from ftlib.peft import lora
 
     stack = contextlib.ExitStack()
@@ -208,7 +207,8 @@ def _kernel_off(module: str, name: str):
 
 
 def _xla_lora_products():
-    """LoRA's rank-r products in XLA's kernels, the rest as ftlib runs it."""
+    """LoRA's rank-r products in XLA's kernels, beside the base product in MKL and an add
+    (not accumulated into its output)."""
     return _kernel_off("ftlib.peft.lora", "mkl_gemm")
 
 

@@ -212,26 +212,34 @@ def test_lora_product_values_and_gradients_match_xla(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@needs_mkl
-@pytest.mark.parametrize("rate,bias", [(0.0, False), (0.25, True)])
-def test_lora_linear_accumulated_product_matches_xla(monkeypatch, rate, bias):
-    """LoRALinear on MKL adds the adapter's product into the base product's buffer
-    (and, without dropout, the adapter's dx into the base's): its output and the
-    gradients of x, the base kernel and both factors are those of XLA's two products
-    and add, with dropout and a bias too."""
+def _lora_layer(rate=0.0, bias=False, base_dtype=jnp.float32, compute_dtype=jnp.float32):
+    """A LoRALinear 12 -> 20, rank 4, alpha 8 (scale 2), with a nonzero B."""
     from flax import nnx
 
     from ftlib.models.layers import Linear
     from ftlib.peft import lora
 
     rngs = nnx.Rngs(0)
-    layer = lora.LoRALinear(
-        Linear(12, 20, ("embed", "mlp"), rngs=rngs, use_bias=bias), 4, 8.0, rate, False, rngs=rngs
-    )
+    base = Linear(12, 20, ("embed", "mlp"), rngs=rngs, use_bias=bias, dtype=compute_dtype)
+    layer = lora.LoRALinear(base, 4, 8.0, rate, False, rngs=rngs)
     layer.lora_b[...] = jax.random.normal(jax.random.key(5), layer.lora_b.shape)
+    base.kernel[...] = base.kernel[...].astype(base_dtype)
+    return layer
+
+
+@needs_mkl
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_accumulated_product_matches_xla(monkeypatch, rate, bias):
+    """LoRALinear on MKL adds the adapter's product into the base product's buffer
+    (and, without dropout, the adapter's dx into the base's): its output and the
+    gradients of x, the base kernel and both factors are those of XLA's two products
+    and add."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(_lora_layer(rate, bias))
     x = jax.random.normal(jax.random.key(7), (2, 9, 12))
     g = jax.random.normal(jax.random.key(9), (2, 9, 20))
-    graphdef, params = nnx.split(layer)
 
     def value_and_grads(params, x):
         run = lambda params, x: nnx.merge(graphdef, params)(x, jax.random.key(8))
@@ -248,6 +256,42 @@ def test_lora_linear_accumulated_product_matches_xla(monkeypatch, rate, bias):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(dparams), jax.tree.leaves(want_dparams)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_mkl
+def test_lora_linear_accumulated_product_drops_the_frozen_kernels_gradient(monkeypatch):
+    """Differentiated w.r.t. the factors only (the base frozen, as the train step does),
+    the compiled step has one MKL product fewer: XLA drops the base kernel's dW."""
+    from flax import nnx
+
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "mkl")
+    layer = _lora_layer()
+    x = jax.random.normal(jax.random.key(7), (2, 9, 12))
+
+    def products(trainable):
+        graphdef, params, rest = nnx.split(layer, trainable, ...)
+        loss = lambda params: jnp.sum(jnp.sin(nnx.merge(graphdef, params, rest)(x)))
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text().count('"ftlib_sgemm"')
+
+    factors = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("lora_a"), nnx.PathContains("lora_b")))
+    assert products(factors) == products(nnx.Param) - 1
+
+
+@needs_mkl
+def test_lora_linear_accumulates_in_the_layers_compute_dtype(monkeypatch):
+    """The accumulated product runs on the cast operands, as Linear does: a base kernel
+    stored in bf16 (model.frozen_dtype) under fp32 compute takes it, while bf16 compute
+    keeps XLA's products and returns bf16."""
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "mkl")
+    x = jax.random.normal(jax.random.key(7), (2, 9, 12))
+    for base_dtype, compute_dtype, accumulated in (
+        (jnp.bfloat16, jnp.float32, True),
+        (jnp.float32, jnp.bfloat16, False),
+    ):
+        layer = _lora_layer(base_dtype=base_dtype, compute_dtype=compute_dtype)
+        assert layer(x).dtype == compute_dtype
+        hlo = jax.jit(lambda x: layer(x)).lower(x).as_text()
+        assert ("ftlib_sgemm_acc" in hlo) == accumulated
 
 
 @needs_mkl

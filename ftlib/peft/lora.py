@@ -48,17 +48,18 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x, rng=None):
         x_drop = dropout(x, self.dropout, rng)
-        d_in, d_out = self.base.kernel.shape[-2:]
-        factors = (self.base.kernel[...], self.lora_a[...], self.lora_b[...])
-        if factors[0].ndim == 2 and adapter_accumulated(x, x_drop, *factors):
-            xd = None if x_drop is x else x_drop
-            y = accumulated_product(self.scale, x, xd, *factors)
-            return y if self.base.bias is None else y + self.base.bias[...]
-        if self.base.kernel.ndim == 2 and adapter_in_base_product(d_in, d_out):
-            dt = self.base.dtype
-            y = in_product(
-                self.scale, x.astype(dt), x_drop.astype(dt), *(f.astype(dt) for f in factors)
-            )
+        kernel = self.base.kernel[...]
+        if kernel.ndim == 2:  # one layer's kernel (stacked ones take the general path)
+            dt = self.base.dtype  # the layer's compute dtype, as Linear casts to
+            factors = tuple(f.astype(dt) for f in (kernel, self.lora_a[...], self.lora_b[...]))
+            xd = None if x_drop is x else x_drop.astype(dt)
+            x = x.astype(dt)
+            if adapter_accumulated(x, x if xd is None else xd, *factors):
+                y = accumulated_product(self.scale, x, xd, *factors)
+            elif adapter_in_base_product(*kernel.shape):
+                y = in_product(self.scale, x, x if xd is None else xd, *factors)
+            else:
+                return self.base(x) + self.lora_path(x_drop)
             return y if self.base.bias is None else y + self.base.bias[...].astype(dt)
         return self.base(x) + self.lora_path(x_drop)
 
@@ -152,7 +153,7 @@ def accumulated_product(scale: float, x_TD, xd_TD, w_DO, a_RD, b_RO):
     two products and an add, XLA fuses the add into every consumer of the sum, each of
     which then reads both [tokens, out] arrays (llama-small LoRA: the gate and up sums
     in five fusions). Paired llama-small LoRA steps: 1-5% faster; llama-tiny's within
-    the noise (benchmarks/README.md). dW is dropped by XLA when W is frozen."""
+    the noise (benchmarks/README.md). XLA drops the dW product when W is frozen."""
     return _accumulated_product_fwd(scale, x_TD, xd_TD, w_DO, a_RD, b_RO)[0]
 
 
@@ -161,7 +162,8 @@ def _accumulated_product_fwd(scale, x_TD, xd_TD, w_DO, a_RD, b_RO):
     xd_ND = x_ND if xd_TD is None else xd_TD.reshape(x_ND.shape)
     xa_NR = mkl_gemm.gemm(xd_ND, a_RD, transpose_b=True) * scale
     y_NO = mkl_gemm.gemm_accumulate(mkl_gemm.gemm(x_ND, w_DO), xa_NR, b_RO)
-    return y_NO.reshape(*x_TD.shape[:-1], -1), (x_ND, xd_TD, w_DO, a_RD, b_RO, xa_NR)
+    y_TO = y_NO.reshape(*x_TD.shape[:-1], w_DO.shape[-1])
+    return y_TO, (x_ND, xd_TD, w_DO, a_RD, b_RO, xa_NR)
 
 
 def _accumulated_product_bwd(scale, res, g_TO):
@@ -175,7 +177,7 @@ def _accumulated_product_bwd(scale, res, g_TO):
     else:
         dxd_TD = mkl_gemm.gemm(dxa_NR, a_RD).reshape(xd_TD.shape)
     return (
-        dx_ND.reshape(*g_TO.shape[:-1], -1),
+        dx_ND.reshape(*g_TO.shape[:-1], x_ND.shape[-1]),
         dxd_TD,
         mkl_gemm.gemm(x_ND, g_NO, transpose_a=True),
         mkl_gemm.gemm(dxa_NR, xd_ND, transpose_a=True),
@@ -194,7 +196,9 @@ def adapter_in_base_product(d_in: int, d_out: int) -> bool:
     steps in bf16 on an H200, against two products everywhere: 0.973, 0.983 and 0.988
     (gate and up only), 0.985 (also q and o), 1.003 (every projection);
     benchmarks/README.md. On the CPU the fp32 products run in MKL (ftlib.mkl_gemm), where
-    the one product measured 0.996 to 1.05 against two; TPUs were not measured."""
+    the one product measured 0.996 to 1.05 against two, and where LoRALinear adds the
+    adapter's product into the base's output instead (`accumulated_product`); TPUs were
+    not measured."""
     return d_out > d_in and jax.default_backend() == "gpu"
 
 
