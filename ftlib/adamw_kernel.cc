@@ -24,7 +24,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "cpu_math.h"
 #include "cpu_pool.h"
@@ -88,13 +87,9 @@ FTLIB_VECTOR_CLONES float SumSquares(int64_t n, const float* __restrict g) {
 // in unit order so that it is the same on every run.
 template <typename Fn>
 float SumOverUnits(ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  const int64_t units = (n + kElementsPerUnit - 1) / kElementsPerUnit;
-  std::vector<float> partial(units, 0.0f);
-  float* part = partial.data();
-  ftlib::ParallelForChunks(pool, n, kElementsPerUnit,
-                           [=](int64_t u, int64_t lo, int64_t hi) { part[u] = fn(lo, hi); });
-  float total = 0.0f;
-  for (int64_t u = 0; u < units; ++u) total += partial[u];
+  float total;
+  ftlib::SumOverChunks(pool, n, kElementsPerUnit, 1, &total,
+                       [=](int64_t lo, int64_t hi, float* part) { *part = fn(lo, hi); });
   return total;
 }
 

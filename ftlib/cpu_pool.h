@@ -9,6 +9,7 @@
 #include <memory>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -46,6 +47,25 @@ void ParallelForChunks(xla::ffi::ThreadPool& pool, int64_t n, int64_t chunk, Fn 
     int64_t lo = unit * chunk;
     fn(unit, lo, std::min(lo + chunk, n));
   });
+}
+
+// Sums over [0, n) cut into units of `chunk` items, run as ParallelForChunks does:
+// fn(lo, hi, partial) adds its unit's `width` results into partial (zeroed), and
+// out[0, width) gets the units' partials added in unit order, so the sum is the same on
+// every run whichever thread ran which unit.
+template <typename Fn>
+void SumOverChunks(xla::ffi::ThreadPool& pool, int64_t n, int64_t chunk, int64_t width,
+                   float* out, Fn fn) {
+  const int64_t units = (n + chunk - 1) / chunk;
+  std::vector<float> partials(units * width, 0.0f);
+  float* part = partials.data();
+  ParallelForChunks(pool, n, chunk, [=](int64_t u, int64_t lo, int64_t hi) {
+    fn(lo, hi, part + u * width);
+  });
+  std::fill(out, out + width, 0.0f);
+  for (int64_t u = 0; u < units; ++u) {
+    for (int64_t j = 0; j < width; ++j) out[j] += part[u * width + j];
+  }
 }
 
 }  // namespace ftlib

@@ -16,7 +16,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "cpu_math.h"
 #include "cpu_pool.h"
@@ -78,19 +77,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> dy,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale) {
   const int64_t D = scale.element_count(), N = D ? x.element_count() / D : 0;
-  const int64_t units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
-  std::vector<float> partial(units * D, 0.0f);  // each unit's dscale
   const float *xp = x.typed_data(), *rp = r.typed_data(), *sp = scale.typed_data();
   const float* dyp = dy.typed_data();
-  float *dxp = dx->typed_data(), *pp = partial.data();
-  ftlib::ParallelForChunks(pool, N, kRowsPerUnit, [=](int64_t u, int64_t lo, int64_t hi) {
-    BackwardRows(xp + lo * D, rp + lo, sp, dyp + lo * D, hi - lo, D, dxp + lo * D, pp + u * D);
-  });
-  float* out = dscale->typed_data();
-  for (int64_t j = 0; j < D; ++j) out[j] = 0.0f;
-  for (int64_t u = 0; u < units; ++u) {
-    for (int64_t j = 0; j < D; ++j) out[j] += partial[u * D + j];
-  }
+  float* dxp = dx->typed_data();
+  // dscale sums over rows: each unit's into its own partial, then added in unit order.
+  ftlib::SumOverChunks(pool, N, kRowsPerUnit, D, dscale->typed_data(),
+                       [=](int64_t lo, int64_t hi, float* part) {
+                         BackwardRows(xp + lo * D, rp + lo, sp, dyp + lo * D, hi - lo, D,
+                                      dxp + lo * D, part);
+                       });
   return ffi::Error::Success();
 }
 
