@@ -48,20 +48,29 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x, rng=None):
         x_drop = dropout(x, self.dropout, rng)
+        y = self._one_product(x, x_drop)
+        if y is None:
+            return self.base(x) + self.lora_path(x_drop)
+        return y if self.base.bias is None else y + self.base.bias[...].astype(y.dtype)
+
+    def _one_product(self, x, x_drop):
+        """x W + scale x_drop A^T B as one custom VJP, in the layer's compute dtype (as
+        Linear casts): accumulated into the base product where MKL runs the products,
+        inside it where adapter_in_base_product says; else None (two products and an
+        add). A stacked [layers, ...] kernel always takes the two products."""
         kernel = self.base.kernel[...]
-        if kernel.ndim == 2:  # one layer's kernel (stacked ones take the general path)
-            dt = self.base.dtype  # the layer's compute dtype, as Linear casts to
-            factors = tuple(f.astype(dt) for f in (kernel, self.lora_a[...], self.lora_b[...]))
-            xd = None if x_drop is x else x_drop.astype(dt)
-            x = x.astype(dt)
-            if adapter_accumulated(x, x if xd is None else xd, *factors):
-                y = accumulated_product(self.scale, x, xd, *factors)
-            elif adapter_in_base_product(*kernel.shape):
-                y = in_product(self.scale, x, x if xd is None else xd, *factors)
-            else:
-                return self.base(x) + self.lora_path(x_drop)
-            return y if self.base.bias is None else y + self.base.bias[...].astype(dt)
-        return self.base(x) + self.lora_path(x_drop)
+        if kernel.ndim != 2:
+            return None
+        dt = self.base.dtype
+        factors = tuple(f.astype(dt) for f in (kernel, self.lora_a[...], self.lora_b[...]))
+        xd = None if x_drop is x else x_drop.astype(dt)  # None: the adapter sees x itself
+        x = x.astype(dt)
+        adapter_input = x if xd is None else xd
+        if adapter_accumulated(x, adapter_input, *factors):
+            return accumulated_product(self.scale, x, xd, *factors)
+        if adapter_in_base_product(*kernel.shape):
+            return in_product(self.scale, x, adapter_input, *factors)
+        return None
 
     def lora_path(self, x):
         """scale * x A^T B for the (already dropped-out) input x."""
@@ -117,13 +126,19 @@ def _lora_product_bwd(scale, res, g_TO):
     x_ND, g_NO = x_TD.reshape(-1, x_TD.shape[-1]), g_TO.reshape(-1, g_TO.shape[-1])
     xa_NR = xa_TR.reshape(-1, xa_TR.shape[-1])
     if a_RD.ndim == 2 and mkl_gemm.applies(x_ND, g_NO, a_RD, b_RO):  # operands read in place
-        dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * scale
-        dx_TD = mkl_gemm.gemm(dxa_NR, a_RD).reshape(x_TD.shape)
-        da_RD = mkl_gemm.gemm(dxa_NR, x_ND, transpose_a=True)
-        return dx_TD, da_RD, mkl_gemm.gemm(xa_NR, g_NO, transpose_a=True)
+        dxa_NR, da_RD, db_RO = _mkl_factor_grads(scale, g_NO, x_ND, xa_NR, b_RO)
+        return mkl_gemm.gemm(dxa_NR, a_RD).reshape(x_TD.shape), da_RD, db_RO
     dxa_NR = dot(g_NO, b_RO.T) * scale
     dx_ND, da_RD, db_RO = _factor_grads(dxa_NR, x_ND, xa_NR, g_NO, a_RD, b_RO.dtype)
     return dx_ND.reshape(x_TD.shape), da_RD, db_RO
+
+
+def _mkl_factor_grads(scale, g_NO, x_ND, xa_NR, b_RO):
+    """MKL's products for the adapter path's gradients: -> (dxa = d(loss)/d(s x A^T) =
+    s g B^T, dA = dxa^T x, dB = xa^T g); x is the adapter's input, xa = s x A^T."""
+    dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * scale
+    da_RD = mkl_gemm.gemm(dxa_NR, x_ND, transpose_a=True)
+    return dxa_NR, da_RD, mkl_gemm.gemm(xa_NR, g_NO, transpose_a=True)
 
 
 def _factor_grads(dxa_NR, x_ND, xa_NR, g_NO, a_RD, b_dtype):
@@ -170,7 +185,7 @@ def _accumulated_product_bwd(scale, res, g_TO):
     x_ND, xd_TD, w_DO, a_RD, b_RO, xa_NR = res
     xd_ND = x_ND if xd_TD is None else xd_TD.reshape(x_ND.shape)
     g_NO = g_TO.reshape(-1, g_TO.shape[-1])
-    dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * scale
+    dxa_NR, da_RD, db_RO = _mkl_factor_grads(scale, g_NO, xd_ND, xa_NR, b_RO)
     dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
     if xd_TD is None:
         dx_ND, dxd_TD = mkl_gemm.gemm_accumulate(dx_ND, dxa_NR, a_RD), None
@@ -180,8 +195,8 @@ def _accumulated_product_bwd(scale, res, g_TO):
         dx_ND.reshape(*g_TO.shape[:-1], x_ND.shape[-1]),
         dxd_TD,
         mkl_gemm.gemm(x_ND, g_NO, transpose_a=True),
-        mkl_gemm.gemm(dxa_NR, xd_ND, transpose_a=True),
-        mkl_gemm.gemm(xa_NR, g_NO, transpose_a=True),
+        da_RD,
+        db_RO,
     )
 
 
