@@ -1,6 +1,12 @@
 """The train step's products on the CPU by library, each in its own process: XLA with
 YNNPACK, XLA with oneDNN fusions, ftlib's MKL custom call (its fp32 default on one CPU
-device), numpy's BLAS and torch; and XLA's transpose against a copy.
+device), numpy's BLAS and torch; and XLA's transpose against a copy. Two rows are not
+fp32 products: `mkl-bf16` (MKL's bf16 x bf16 -> fp32 product, on AMX where the CPU has
+it) and `mkl-bf16x3` (each fp32 operand split into bf16 halves, x ~= hi + lo, and
+hi*hi + hi*lo + lo*hi as one bf16 product over a 3x longer contraction: about 16 of
+fp32's 24 mantissa bits, as JAX's `Precision.HIGH` on TPUs). Their operands are
+converted (and b^T laid out as [K, N]) before timing: the splits' passes over memory
+are not in their times.
 
   python benchmarks/xla_cpu_kernels.py --processes=2 --out results/xla_cpu_kernels.json
 
@@ -28,7 +34,7 @@ ONEDNN = {
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_experimental_ynn_fusion_type": "",
 }
-LIBRARIES = ("ynnpack", "onednn", "mkl", "numpy", "torch")
+LIBRARIES = ("ynnpack", "onednn", "mkl", "numpy", "torch", "mkl-bf16", "mkl-bf16x3")
 # name -> (lhs shape, rhs shape, transpose rhs (g @ W^T), FLOPs); the last is batched.
 CASES = {
     "x[2048,512] @ W[512,1376] (gate, up)": ((2048, 512), (512, 1376), False),
@@ -75,6 +81,8 @@ def _product(library: str, transpose_rhs: bool):
             return lambda: run(a, b).block_until_ready()
 
         return compiled
+    if library.startswith("mkl-bf16"):
+        return lambda a, b: _mkl_bf16(a, b, transpose_rhs, split=library == "mkl-bf16x3")
     if library == "torch":
         import torch
 
@@ -92,6 +100,61 @@ def _product(library: str, transpose_rhs: bool):
         return lambda: np.matmul(a, b)
 
     return compiled
+
+
+def _mkl_bf16(a, b, transpose_rhs: bool, split: bool):
+    """-> f() = a @ b (b^T) as MKL's bf16 product into fp32, MKL on its own 2 threads;
+    with split, the bf16x3 sum over a [a_hi a_hi a_lo] @ [b_hi; b_lo; b_hi] product."""
+    import ctypes
+    import os
+
+    import ml_dtypes
+
+    from ftlib import mkl_gemm
+
+    mkl = ctypes.CDLL(str(mkl_gemm._mkl_rt()), mode=os.RTLD_LOCAL | os.RTLD_DEEPBIND)
+    mkl.MKL_Set_Num_Threads(2)
+    gemm = mkl.cblas_gemm_bf16bf16f32
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    gemm.argtypes = [i32] * 6 + [ctypes.c_float, ptr, i32, ptr, i32, ctypes.c_float, ptr, i32]
+
+    def halves(x):
+        hi = x.astype(ml_dtypes.bfloat16)
+        return hi, (x - hi.astype(np.float32)).astype(ml_dtypes.bfloat16)
+
+    b = np.swapaxes(b, -1, -2) if transpose_rhs else b  # [..., K, N]
+    if split:
+        (a_hi, a_lo), (b_hi, b_lo) = halves(a), halves(b)
+        a, b = np.concatenate([a_hi, a_hi, a_lo], -1), np.concatenate([b_hi, b_lo, b_hi], -2)
+    else:
+        a, b = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
+    a = np.ascontiguousarray(a).reshape(-1, *a.shape[-2:])
+    b = np.ascontiguousarray(b).reshape(-1, *b.shape[-2:])
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    c = np.empty((a.shape[0], m, n), np.float32)
+    row_major, no_trans = 101, 111
+
+    def run():
+        for i in range(a.shape[0]):
+            gemm(
+                row_major,
+                no_trans,
+                no_trans,
+                m,
+                n,
+                k,
+                1.0,
+                a[i].ctypes.data,
+                k,
+                b[i].ctypes.data,
+                n,
+                0.0,
+                c[i].ctypes.data,
+                n,
+            )
+        return c
+
+    return run
 
 
 def _median_s(fn, rounds: int) -> float:
