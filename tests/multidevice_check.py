@@ -9,6 +9,7 @@ trained params go to OUT_DIR/params.npz for the test to compare.
   PYTHONPATH=. python tests/multidevice_check.py OUT_DIR
 """
 
+import dataclasses
 import os
 
 # Fewer XLA:CPU optimisation passes compile ~2x faster, same fp32 results within 1e-6.
@@ -24,23 +25,16 @@ import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import tiny_llama  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
 from ftlib import masks, optim, peft, sharding, steps  # noqa: E402
 from ftlib.errors import FtlibError  # noqa: E402
-from ftlib.models.llama import Llama, LlamaConfig  # noqa: E402
+from ftlib.models.llama import Llama  # noqa: E402
 
 # Every sharded dim (vocab 64, embed 32, mlp 64, heads 4x8, kv 2x8) divides 4.
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+CFG = dataclasses.replace(tiny_llama.CFG, intermediate_size=64)
 RULES = tuple(default.get_config().sharding_rules)
 METHODS = ("full", "lora", "prefix")
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4))  # (data, fsdp, tensor)

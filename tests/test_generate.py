@@ -3,27 +3,21 @@ token for token on a left-padded batch of different prompt lengths (plain, LoRA,
 prefix, prompt), equals each prompt decoded alone, seeded sampling, stop
 tokens, the user errors, and the CLI on a trained tiny run."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
+import tiny_llama
 from flax import nnx
 
 from configs import default
 from ftlib import generate as gen
 from ftlib import peft
 from ftlib.errors import FtlibError
-from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.models.llama import Llama
 
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=500.0,
-)
+CFG = dataclasses.replace(tiny_llama.CFG, rope_theta=500.0)
 PROMPTS = [[5, 9, 13, 2, 7, 7, 30], [11, 3], [40, 41, 42, 43, 1]]
 
 

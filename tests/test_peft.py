@@ -8,20 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_llama import CFG
 
 from ftlib import masks, optim, peft, steps
 from ftlib.errors import FtlibError
-from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.models.llama import Llama
 
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_llama
 from flax import nnx
 
 from configs import default, tiny
@@ -27,18 +28,9 @@ from ftlib.models.llama import Llama, LlamaConfig
 from ftlib.peft.dora import DoRALinear
 from ftlib.peft.merging import is_mergeable
 
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    # Same stacked params as a scan; eager forwards then reuse per-op compiles across
-    # methods, where a jitted scan recompiles per model (~5 s each on CPU).
-    scan_layers=False,
-)
+# Same stacked params as a scan; eager forwards then reuse per-op compiles across
+# methods, where a jitted scan recompiles per model (~5 s each on CPU).
+CFG = dataclasses.replace(tiny_llama.CFG, scan_layers=False)
 CFG_BIAS = dataclasses.replace(CFG, attention_bias=True)  # q/k/v biases (Qwen2-style)
 RANK, BOTTLENECK = 4, 4
 

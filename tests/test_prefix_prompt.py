@@ -4,28 +4,22 @@ segments stay isolated, the projection MLP folds exactly, PEFT's prefix layout,
 analytic trainable counts, frozen leaves bit-identical after jitted train steps,
 and the user errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_llama
 from flax import nnx
 
 from configs import default
 from ftlib import masks, optim, peft, sharding, steps
 from ftlib.errors import FtlibError
-from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.models.llama import Llama
 from ftlib.peft import prefix
 
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=500.0,
-)
+CFG = dataclasses.replace(tiny_llama.CFG, rope_theta=500.0)
 
 
 def peft_cfg(method, n=3, **options):

@@ -10,21 +10,14 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tiny_llama
 from flax import nnx
 
 from configs import default
 from ftlib import masks, peft, steps
-from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.models.llama import Llama
 
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+CFG = dataclasses.replace(tiny_llama.CFG, num_layers=4)
 KNOBS = {
     "loop": dict(scan_layers=False),
     "unroll2": dict(scan_unroll=2),

@@ -5,22 +5,14 @@ import jax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from tiny_llama import CFG
 
 from configs import default
 from ftlib import sharding
 from ftlib.errors import FtlibError
-from ftlib.models.llama import Llama, LlamaConfig
+from ftlib.models.llama import Llama
 
 RULES = tuple(default.get_config().sharding_rules)
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
 
 
 def test_mesh_from_config():
