@@ -82,12 +82,22 @@ def _query_rows(rows: int):
 @contextlib.contextmanager
 def _autodiff_norm_mlp():
     """RMSNorm and SwiGLU differentiated by autodiff (more saved activations): their
-    custom_vjp's undecorated forward functions."""
+    custom_vjp's undecorated forward functions. On the CPU kernels' path this also turns
+    off layers.swiglu_matmul, whose backward is SwiGLU's (CPU runs of this variant before
+    2026-11-27, session 24, had it on)."""
     from ftlib.models import layers, llama
 
     with _patched(layers, "rms_norm", layers.rms_norm.fun):
-        with _patched(llama, "swiglu", layers.swiglu.fun):
+        with _patched(llama, "swiglu", layers.swiglu.fun), _down_saves_h():
             yield
+
+
+def _down_saves_h():
+    """The MLP as swiglu, then down_proj's matmul (which saves h = swiglu(gate, up) for its
+    weight gradient), not layers.swiglu_matmul (h recomputed in SwiGLU's backward kernel)."""
+    from ftlib.models import llama
+
+    return _patched(llama, "swiglu_matmul_applies", lambda *operands: False)
 
 
 def _frozen_bf16():
@@ -257,6 +267,7 @@ VARIANTS = {
     "query_rows_64": lambda: _query_rows(64),
     "query_rows_256": lambda: _query_rows(256),
     "autodiff_norm_mlp": _autodiff_norm_mlp,
+    "down_saves_h": _down_saves_h,
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
     # LoRA: two products everywhere / the in-product everywhere / for q, o, gate and up.

@@ -17,7 +17,12 @@ from ftlib import ffi_kernels
 
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 KERNEL = ffi_kernels.Kernel(
-    SOURCE, {"ftlib_swiglu_backward": "FtlibSwigluBackward"}, "SwiGLU's backward stays in XLA"
+    SOURCE,
+    {
+        "ftlib_swiglu_backward": "FtlibSwigluBackward",
+        "ftlib_swiglu_backward_h": "FtlibSwigluBackwardH",
+    },
+    "SwiGLU's backward stays in XLA",
 )
 
 
@@ -27,7 +32,10 @@ def applies(gate, up, dh) -> bool:
     return same and KERNEL.applies(gate, up, dh)
 
 
-def backward(gate, up, dh):
-    """-> (dgate, dup) of silu(gate) * up for the cotangent dh (float32, same shapes)."""
+def backward(gate, up, dh, *, with_h: bool = False):
+    """-> (dgate, dup) of h = silu(gate) * up for the cotangent dh (float32, same shapes);
+    with_h: (dgate, dup, h), h recomputed in the same pass."""
     out = jax.ShapeDtypeStruct(gate.shape, gate.dtype)
+    if with_h:
+        return KERNEL.call("ftlib_swiglu_backward_h", (out, out, out), gate, up, dh)
     return KERNEL.call("ftlib_swiglu_backward", (out, out), gate, up, dh)

@@ -82,9 +82,12 @@ def test_swiglu_backward_matches_autodiff():
     gate, up, dh = (rng.standard_normal((3, 7, 1001)).astype(np.float32) * 4 for _ in range(3))
     gate[0, 0, :4] = [-100.0, 100.0, 0.0, -0.0]
     got = jax.jit(swiglu_backward.backward)(gate, up, dh)
-    _, vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, jnp.asarray(gate), jnp.asarray(up))
+    with_h = jax.jit(lambda *a: swiglu_backward.backward(*a, with_h=True))(gate, up, dh)
+    h, vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, jnp.asarray(gate), jnp.asarray(up))
     for name, g, want in zip(("dgate", "dup"), got, vjp(jnp.asarray(dh))):
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5, err_msg=name)
+    for name, g, want in zip(("dgate", "dup", "h"), with_h, (*got, h)):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5, err_msg=f"{name}, with h")
 
 
 def test_rms_norm_kernels_match_xla(monkeypatch):

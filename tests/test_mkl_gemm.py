@@ -1,6 +1,8 @@
 """The MKL products (ftlib/mkl_gemm.py) against numpy, and the model code that calls
 them against XLA's products: the same values and gradients either way."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -310,3 +312,82 @@ def test_causal_attention_matches_xla(monkeypatch):
 
     for got, want in zip(*_in_both(monkeypatch, value_and_grads, q, k, v)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_swiglu_matmul_matches_swiglu_then_matmul_and_saves_only_its_inputs(monkeypatch):
+    """The MLP's path on the CPU kernels (h = swiglu(gate, up) recomputed in SwiGLU's
+    backward kernel for w's gradient) against swiglu, then matmul in XLA's ops."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from ftlib.models.layers import swiglu, swiglu_matmul, swiglu_matmul_applies
+
+    rng = np.random.default_rng(5)
+    gate, up = (jnp.asarray(3 * rng.standard_normal((2, 9, 24), dtype=np.float32)) for _ in "gu")
+    w = jnp.asarray(rng.standard_normal((24, 16), dtype=np.float32))
+    g = jnp.asarray(rng.standard_normal((2, 9, 16), dtype=np.float32))
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "mkl")
+    assert swiglu_matmul_applies(gate, up, w)
+
+    def value_and_grads(gate, up, w):
+        plain = lambda gate, up, w: matmul(swiglu(gate, up), w)  # noqa: E731
+        y, vjp = jax.vjp(
+            swiglu_matmul if swiglu_matmul_applies(gate, up, w) else plain, gate, up, w
+        )
+        return (y, *vjp(g))
+
+    for name, got, want in zip(
+        ("y", "dgate", "dup", "dw"), *_in_both(monkeypatch, value_and_grads, gate, up, w)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+
+    saved = io.StringIO()
+    with contextlib.redirect_stdout(saved):
+        print_saved_residuals(lambda *a: jnp.sum(swiglu_matmul(*a)), gate, up, w)
+    assert saved.getvalue().splitlines() == [
+        f"f32[{','.join(map(str, x.shape))}] from the argument a[{i}]"
+        for i, x in enumerate((gate, up, w))
+    ]
+
+
+@needs_mkl
+@pytest.mark.parametrize(
+    "method, scan_layers", [("full", True), ("full", False), ("prefix", True), ("lora", True)]
+)
+def test_llama_mlp_recomputes_swiglu_where_down_proj_is_plain(monkeypatch, method, scan_layers):
+    """Full fine-tuning and prefix tuning keep a plain down_proj: the compiled train step
+    recomputes h in SwiGLU's backward kernel (once in the scan's body, once per layer in
+    the loop), and with the base frozen (prefix) drops down_proj's weight gradient. LoRA
+    wraps down_proj and keeps swiglu, then its own products. (Losses against XLA's ops:
+    test_tiny_training_run_logs_the_same_losses_with_either_products.)"""
+    import dataclasses
+
+    import optax
+    import tiny_llama
+    from flax import nnx
+
+    from configs import default
+    from ftlib import peft, steps
+    from ftlib.models.llama import Llama
+
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "mkl")
+    cfg = dataclasses.replace(tiny_llama.CFG, scan_layers=scan_layers)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    peft_cfg = default.get_config().peft
+    peft_cfg.method = method
+    tx = optax.adamw(1e-3)
+    graphdef, state, frozen = steps.init_train_state(model, peft.apply_method(model, peft_cfg), tx)
+    ids = np.zeros((2, 8), np.int32)
+    batch = dict(
+        input_ids=ids,
+        loss_mask=np.ones_like(ids),
+        segment_ids=np.ones_like(ids),
+        positions=np.broadcast_to(np.arange(8, dtype=np.int32), ids.shape),
+    )
+    step = jax.jit(steps.make_train_step(graphdef, tx))
+    hlo = step.lower(state, frozen, batch).compile().as_text()
+    calls = 0 if method == "lora" else (1 if scan_layers else cfg.num_layers)
+    assert hlo.count('"ftlib_swiglu_backward_h"') == calls
+    assert ('"ftlib_swiglu_backward"' in hlo) == (method == "lora")
+    down_dw = f"f32[{cfg.intermediate_size},{cfg.hidden_size}]{{1,0}} custom-call"  # h^T g
+    assert (down_dw in hlo) == (method == "full")

@@ -25,6 +25,8 @@ from ftlib.models.layers import (
     rope_tables,
     scans_layers,
     swiglu,
+    swiglu_matmul,
+    swiglu_matmul_applies,
 )
 
 REMAT_POLICIES = {
@@ -143,8 +145,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD, rng=None):
         keys = _split(rng, 3)
-        h = swiglu(self.gate_proj(x_BTD, rng=keys[0]), self.up_proj(x_BTD, rng=keys[1]))
-        return self.down_proj(h, rng=keys[2])
+        gate, up = self.gate_proj(x_BTD, rng=keys[0]), self.up_proj(x_BTD, rng=keys[1])
+        down = self.down_proj
+        if type(down) is Linear and down.bias is None:  # not an adapter's wrapper
+            w = down.kernel[...].astype(down.dtype)
+            if swiglu_matmul_applies(gate, up, w):
+                return swiglu_matmul(gate, up, w)
+        return down(swiglu(gate, up), rng=keys[2])
 
 
 class Block(nnx.Module):
