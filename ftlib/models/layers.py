@@ -251,8 +251,8 @@ def swiglu_matmul(gate_TF, up_TF, w_FO):
     gate, up and w only. As swiglu, then matmul, h = swiglu(gate, up) is saved too, for
     w's gradient: under the layer scan one more [tokens, intermediate] stack, written,
     zero-filled and sliced back every step. Here SwiGLU's backward kernel recomputes h in
-    the pass that reads gate and up anyway (full fine-tuning steps 2-5% faster on
-    llama-small, 1-2% on llama-tiny, in paired runs: benchmarks/README.md). Only where
+    the pass that reads gate and up anyway (full fine-tuning steps ~3% faster on
+    llama-small, ~2% on llama-tiny, in paired runs: benchmarks/README.md). Only where
     swiglu_matmul_applies."""
     h_TF = swiglu(gate_TF, up_TF)
     y_NO = mkl_gemm.gemm(h_TF.reshape(-1, h_TF.shape[-1]), w_FO)
