@@ -355,6 +355,7 @@ def test_train_step_reads_the_gradients_from_their_own_buffers():
     concatenated; fused into the norm reductions it cost 73 of llama-1b's 296 ms on an
     H100. The step must pass every gradient through one optimization barrier before
     the optimizer and grad_norm read them (reverting steps.materialized fails this)."""
+    import tiny_llama
     from flax import nnx
 
     from configs import default
@@ -370,13 +371,7 @@ def test_train_step_reads_the_gradients_from_their_own_buffers():
     peft_cfg.method = "full"
     tx = optax.adamw(1e-3)
     graphdef, state, frozen = steps.init_train_state(model, peft.apply_method(model, peft_cfg), tx)
-    ids = np.zeros((2, 8), np.int32)
-    batch = dict(
-        input_ids=ids,
-        loss_mask=np.ones_like(ids),
-        segment_ids=np.ones_like(ids),
-        positions=np.broadcast_to(np.arange(8, dtype=np.int32), ids.shape),
-    )
+    batch = tiny_llama.batch(0, cfg, B=2, T=8)
     jaxpr = jax.make_jaxpr(steps.make_train_step(graphdef, tx))(state, frozen, batch).jaxpr
     grad_shapes = sorted(x.shape for x in jax.tree.leaves(state.params))
     barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]

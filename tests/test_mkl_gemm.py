@@ -377,15 +377,8 @@ def test_llama_mlp_recomputes_swiglu_where_down_proj_is_plain(monkeypatch, metho
     peft_cfg.method = method
     tx = optax.adamw(1e-3)
     graphdef, state, frozen = steps.init_train_state(model, peft.apply_method(model, peft_cfg), tx)
-    ids = np.zeros((2, 8), np.int32)
-    batch = dict(
-        input_ids=ids,
-        loss_mask=np.ones_like(ids),
-        segment_ids=np.ones_like(ids),
-        positions=np.broadcast_to(np.arange(8, dtype=np.int32), ids.shape),
-    )
     step = jax.jit(steps.make_train_step(graphdef, tx))
-    hlo = step.lower(state, frozen, batch).compile().as_text()
+    hlo = step.lower(state, frozen, tiny_llama.batch(0, cfg, B=2, T=8)).compile().as_text()
     calls = 0 if method == "lora" else (1 if scan_layers else cfg.num_layers)
     assert hlo.count('"ftlib_swiglu_backward_h"') == calls
     assert ('"ftlib_swiglu_backward"' in hlo) == (method == "lora")

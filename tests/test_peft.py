@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_llama import CFG
+from tiny_llama import CFG, batch
 
 from ftlib import masks, optim, peft, steps
 from ftlib.errors import FtlibError
@@ -44,16 +44,6 @@ def optim_cfg():
             grad_clip_norm=1.0,
             grad_accum_steps=1,
         )
-    )
-
-
-def batch(seed=0, B=4, T=16):
-    ids = np.random.default_rng(seed).integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
-    return dict(
-        input_ids=ids,
-        loss_mask=np.ones_like(ids),
-        segment_ids=np.ones_like(ids),
-        positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
     )
 
 

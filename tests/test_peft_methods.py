@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tiny_llama
 from flax import nnx
+from tiny_llama import batch
 
 from configs import default, tiny
 from ftlib import adapters, masks, optim, peft, steps, sweep
@@ -184,16 +185,6 @@ def optim_cfg():
     c = default.get_config().optim
     c.learning_rate, c.warmup_steps = 1e-2, 1
     return c
-
-
-def batch(seed, cfg=CFG, B=4, T=16):
-    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
-    return dict(
-        input_ids=ids,
-        loss_mask=np.ones_like(ids),
-        segment_ids=np.ones_like(ids),
-        positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
-    )
 
 
 IDS = jnp.asarray(batch(99)["input_ids"])

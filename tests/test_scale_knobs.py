@@ -12,6 +12,7 @@ import optax
 import pytest
 import tiny_llama
 from flax import nnx
+from tiny_llama import batch
 
 from configs import default
 from ftlib import masks, peft, steps
@@ -38,14 +39,7 @@ def one_step(method, frozen_dtype="", **overrides):
     tx = optax.sgd(0.1)
     graphdef, state, frozen = steps.init_train_state(model, mask, tx, frozen_dtype)
     frozen_dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(frozen)}
-    ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16)).astype(np.int32)
-    batch = dict(
-        input_ids=ids,
-        loss_mask=np.ones_like(ids),
-        segment_ids=np.ones_like(ids),
-        positions=np.broadcast_to(np.arange(16, dtype=np.int32), ids.shape),
-    )
-    state, metrics = jax.jit(steps.make_train_step(graphdef, tx))(state, frozen, batch)
+    state, metrics = jax.jit(steps.make_train_step(graphdef, tx))(state, frozen, batch(0, CFG))
     params = {masks.path_str(p): v[...] for p, v in nnx.to_flat_state(state.params)}
     return float(metrics["loss"]), float(metrics["grad_norm"]), params, frozen_dtypes
 
