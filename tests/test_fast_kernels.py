@@ -20,7 +20,7 @@ from ftlib.models.attention import (
     resolve_impl,
     unpacked_lengths,
 )
-from ftlib.models.layers import matmul, rms_norm, swiglu
+from ftlib.models.layers import matmul, rms_norm, swiglu, swiglu_matmul, swiglu_matmul_applies
 from ftlib.peft import lora
 from ftlib.peft.lora import lora_product
 
@@ -180,6 +180,18 @@ def test_rms_norm_and_swiglu_save_only_their_inputs_for_the_backward():
     ]
     norm = _saved_residuals(lambda x, s: rms_norm(x, s, 1e-5), x, scale)
     assert len(norm) == 3 and sum(line.startswith("f32[4,8]") for line in norm) == 1, norm
+
+
+def test_swiglu_matmul_saves_only_its_inputs_for_the_backward():
+    """The MLP's path on the CPU kernels saves gate, up and w, not h = swiglu(gate, up)."""
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+    if not swiglu_matmul_applies(x, x, w):
+        pytest.skip("swiglu_matmul runs on ftlib's CPU kernels only")
+    assert _saved_residuals(swiglu_matmul, x, x, w) == [
+        "f32[4,8] from the argument a[0]",
+        "f32[4,8] from the argument a[1]",
+        "f32[8,3] from the argument a[2]",
+    ]
 
 
 def test_lora_product_gradients_match_autodiff():
