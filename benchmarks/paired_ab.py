@@ -83,7 +83,7 @@ def _query_rows(rows: int):
 def _autodiff_norm_mlp():
     """RMSNorm and SwiGLU differentiated by autodiff (more saved activations): their
     custom_vjp's undecorated forward functions. On the CPU kernels' path this also turns
-    off layers.swiglu_matmul, whose backward is SwiGLU's (CPU runs of this variant before
+    off layers.swiglu_product, whose backward is SwiGLU's (CPU runs of this variant before
     2026-11-27, session 24, had it on)."""
     from ftlib.models import layers, llama
 
@@ -93,11 +93,12 @@ def _autodiff_norm_mlp():
 
 
 def _down_saves_h():
-    """The MLP as swiglu, then down_proj's matmul (which saves h = swiglu(gate, up) for its
-    weight gradient), not layers.swiglu_matmul (h recomputed in SwiGLU's backward kernel)."""
+    """The MLP as swiglu, then down_proj's own call (whose products save h = swiglu(gate,
+    up) for the weight gradients: W's, or LoRA's A), not layers.swiglu_product (h
+    recomputed in SwiGLU's backward kernel)."""
     from ftlib.models import llama
 
-    return _patched(llama, "swiglu_matmul_applies", lambda *operands: False)
+    return _patched(llama, "swiglu_product_applies", lambda *operands: False)
 
 
 def _frozen_bf16():

@@ -63,7 +63,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     patched = {
         "uninitialized_scan_stacks": (loops, "_empty_array"),
         "indexed_layers": (llama, "layer_slices"),
-        "down_saves_h": (llama, "swiglu_matmul_applies"),
+        "down_saves_h": (llama, "swiglu_product_applies"),
         "frozen_bf16": (steps, "init_train_state"),
         "fused_grads": (steps, "materialized"),
         "lora_two_products": (lora, "adapter_accumulated"),

@@ -20,7 +20,14 @@ from ftlib.models.attention import (
     resolve_impl,
     unpacked_lengths,
 )
-from ftlib.models.layers import matmul, rms_norm, swiglu, swiglu_matmul, swiglu_matmul_applies
+from ftlib.models.layers import (
+    MatmulProduct,
+    matmul,
+    rms_norm,
+    swiglu,
+    swiglu_product,
+    swiglu_product_applies,
+)
 from ftlib.peft import lora
 from ftlib.peft.lora import lora_product
 
@@ -182,16 +189,25 @@ def test_rms_norm_and_swiglu_save_only_their_inputs_for_the_backward():
     assert len(norm) == 3 and sum(line.startswith("f32[4,8]") for line in norm) == 1, norm
 
 
-def test_swiglu_matmul_saves_only_its_inputs_for_the_backward():
-    """The MLP's path on the CPU kernels saves gate, up and w, not h = swiglu(gate, up)."""
-    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
-    if not swiglu_matmul_applies(x, x, w):
-        pytest.skip("swiglu_matmul runs on ftlib's CPU kernels only")
-    assert _saved_residuals(swiglu_matmul, x, x, w) == [
-        "f32[4,8] from the argument a[0]",
-        "f32[4,8] from the argument a[1]",
-        "f32[8,3] from the argument a[2]",
+def test_swiglu_product_saves_its_inputs_not_swiglus_output():
+    """The MLP's path on the CPU kernels saves gate, up and the projection's params (and
+    LoRA's rank-r xa), not h = swiglu(gate, up)."""
+    x, w, a, b = jnp.ones((4, 8)), jnp.ones((8, 3)), jnp.ones((2, 8)), jnp.ones((2, 3))
+    if not swiglu_product_applies(x, x, (w, a, b)):
+        pytest.skip("swiglu_product runs on ftlib's CPU kernels only")
+    plain = lambda g, u, w: swiglu_product(MatmulProduct(), g, u, (w,))  # noqa: E731
+    inputs = ["f32[4,8] from the argument a[0]", "f32[4,8] from the argument a[1]"]
+    assert _saved_residuals(plain, x, x, w) == [*inputs, "f32[8,3] from the argument a[2]"]
+    with_lora = lambda g, u, *p: swiglu_product(lora.AccumulatedProduct(2.0), g, u, p)  # noqa: E731
+    saved = _saved_residuals(with_lora, x, x, w, a, b)
+    assert saved[:5] == [
+        *inputs,
+        *(
+            f"{t} from the argument a[{i}]"
+            for i, t in enumerate(("f32[8,3]", "f32[2,8]", "f32[2,3]"), start=2)
+        ),
     ]
+    assert len(saved) == 6 and saved[5].startswith("f32[4,2] "), saved
 
 
 def test_lora_product_gradients_match_autodiff():

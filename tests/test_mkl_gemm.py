@@ -313,40 +313,54 @@ def test_causal_attention_matches_xla(monkeypatch):
 
 
 @needs_mkl
-def test_swiglu_matmul_matches_swiglu_then_matmul(monkeypatch):
+@pytest.mark.parametrize("projection", ["matmul", "lora"])
+def test_swiglu_product_matches_swiglu_then_the_projection(monkeypatch, projection):
     """The MLP's path on the CPU kernels (h = swiglu(gate, up) recomputed in SwiGLU's
-    backward kernel for w's gradient) against swiglu, then matmul in XLA's ops."""
-    from ftlib.models.layers import swiglu, swiglu_matmul, swiglu_matmul_applies
+    backward kernel for the projection's parameter gradients), down_proj plain or LoRA's,
+    against swiglu, then the projection by XLA's autodiff."""
+    from ftlib.models.layers import MatmulProduct, swiglu, swiglu_product, swiglu_product_applies
+    from ftlib.peft.lora import AccumulatedProduct
 
     rng = np.random.default_rng(5)
-    gate, up = (jnp.asarray(3 * rng.standard_normal((2, 9, 24), dtype=np.float32)) for _ in "gu")
-    w = jnp.asarray(rng.standard_normal((24, 16), dtype=np.float32))
-    g = jnp.asarray(rng.standard_normal((2, 9, 16), dtype=np.float32))
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
+    gate, up = 3 * normal(2, 9, 24), 3 * normal(2, 9, 24)
+    g = normal(2, 9, 16)
+    if projection == "matmul":
+        product, params = MatmulProduct(), (normal(24, 16),)
+        plain = lambda h, p: h @ p[0]  # noqa: E731
+    else:
+        product, params = AccumulatedProduct(2.0), (normal(24, 16), normal(4, 24), normal(4, 16))
+        plain = lambda h, p: h @ p[0] + 2.0 * (h @ p[1].T) @ p[2]  # noqa: E731
     monkeypatch.setenv("FTLIB_CPU_GEMM", "mkl")
-    assert swiglu_matmul_applies(gate, up, w)
+    assert swiglu_product_applies(gate, up, params)
 
-    def value_and_grads(gate, up, w):
-        plain = lambda gate, up, w: matmul(swiglu(gate, up), w)  # noqa: E731
-        y, vjp = jax.vjp(
-            swiglu_matmul if swiglu_matmul_applies(gate, up, w) else plain, gate, up, w
-        )
-        return (y, *vjp(g))
+    def value_and_grads(gate, up, params):
+        if swiglu_product_applies(gate, up, params):
+            fn = lambda gate, up, p: swiglu_product(product, gate, up, p)  # noqa: E731
+        else:
+            fn = lambda gate, up, p: plain(swiglu(gate, up), p)  # noqa: E731
+        y, vjp = jax.vjp(fn, gate, up, params)
+        dgate, dup, dparams = vjp(g)
+        return (y, dgate, dup, *dparams)
 
+    names = ("y", "dgate", "dup", "dw", "da", "db")
     for name, got, want in zip(
-        ("y", "dgate", "dup", "dw"), *_in_both(monkeypatch, value_and_grads, gate, up, w)
+        names, *_in_both(monkeypatch, value_and_grads, gate, up, params), strict=False
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
 @needs_mkl
 @pytest.mark.parametrize(
-    "method, scan_layers", [("full", True), ("full", False), ("prefix", True), ("lora", True)]
+    "method, scan_layers",
+    [("full", True), ("full", False), ("prefix", True), ("lora", True), ("lora_dropout", True)],
 )
-def test_llama_mlp_recomputes_swiglu_where_down_proj_is_plain(monkeypatch, method, scan_layers):
-    """Full fine-tuning and prefix tuning keep a plain down_proj: the compiled train step
-    recomputes h in SwiGLU's backward kernel (once in the scan's body, once per layer in
-    the loop), and with the base frozen (prefix) drops down_proj's weight gradient. LoRA
-    wraps down_proj and keeps swiglu, then its own products. (Losses against XLA's ops:
+def test_llama_mlp_recomputes_swiglu_for_down_proj(monkeypatch, method, scan_layers):
+    """Where down_proj is a plain Linear (full fine-tuning, prefix tuning) or LoRA without
+    dropout, the compiled train step recomputes h in SwiGLU's backward kernel (once in
+    the scan's body, once per layer in the loop); with the base frozen (prefix, LoRA) it
+    drops down_proj's weight gradient. LoRA with dropout keeps swiglu, then its own
+    products. (Losses against XLA's ops:
     test_tiny_training_run_logs_the_same_losses_with_either_products.)"""
     import dataclasses
 
@@ -362,13 +376,14 @@ def test_llama_mlp_recomputes_swiglu_where_down_proj_is_plain(monkeypatch, metho
     cfg = dataclasses.replace(tiny_llama.CFG, scan_layers=scan_layers)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     peft_cfg = default.get_config().peft
-    peft_cfg.method = method
+    peft_cfg.method = method.removesuffix("_dropout")
+    peft_cfg.lora.dropout = 0.1 if method == "lora_dropout" else 0.0
     tx = optax.adamw(1e-3)
     graphdef, state, frozen = steps.init_train_state(model, peft.apply_method(model, peft_cfg), tx)
     step = jax.jit(steps.make_train_step(graphdef, tx))
     hlo = step.lower(state, frozen, tiny_llama.batch(0, cfg, B=2, T=8)).compile().as_text()
-    calls = 0 if method == "lora" else (1 if scan_layers else cfg.num_layers)
+    calls = 0 if method == "lora_dropout" else (1 if scan_layers else cfg.num_layers)
     assert hlo.count('"ftlib_swiglu_backward_h"') == calls
-    assert ('"ftlib_swiglu_backward"' in hlo) == (method == "lora")
+    assert ('"ftlib_swiglu_backward"' in hlo) == (method == "lora_dropout")
     down_dw = f"f32[{cfg.intermediate_size},{cfg.hidden_size}]{{1,0}} custom-call"  # h^T g
     assert (down_dw in hlo) == (method == "full")

@@ -25,8 +25,8 @@ from ftlib.models.layers import (
     rope_tables,
     scans_layers,
     swiglu,
-    swiglu_matmul,
-    swiglu_matmul_applies,
+    swiglu_product,
+    swiglu_product_applies,
 )
 
 REMAT_POLICIES = {
@@ -146,12 +146,13 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD, rng=None):
         keys = _split(rng, 3)
         gate, up = self.gate_proj(x_BTD, rng=keys[0]), self.up_proj(x_BTD, rng=keys[1])
-        down = self.down_proj
-        if type(down) is Linear and down.bias is None:  # not an adapter's wrapper
-            w = down.kernel[...].astype(down.dtype)
-            if swiglu_matmul_applies(gate, up, w):
-                return swiglu_matmul(gate, up, w)
-        return down(swiglu(gate, up), rng=keys[2])
+        # A plain Linear or LoRA (no bias, no active dropout) can take h back in its
+        # backward; other adapters' wrappers have no as_product.
+        as_product = getattr(self.down_proj, "as_product", None)
+        product = as_product(keys[2]) if as_product else None
+        if product and swiglu_product_applies(gate, up, product[1]):
+            return swiglu_product(product[0], gate, up, product[1])
+        return self.down_proj(swiglu(gate, up), rng=keys[2])
 
 
 class Block(nnx.Module):

@@ -7,6 +7,7 @@ wrapper is mergeable (see ftlib.peft.merging): `merged_kernel()` is W + scale A^
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -62,7 +63,7 @@ class LoRALinear(nnx.Module):
         if kernel.ndim != 2:
             return None
         dt = self.base.dtype
-        factors = tuple(f.astype(dt) for f in (kernel, self.lora_a[...], self.lora_b[...]))
+        factors = self._factors()
         xd = None if x_drop is x else x_drop.astype(dt)  # None: the adapter sees x itself
         x = x.astype(dt)
         adapter_input = x if xd is None else xd
@@ -71,6 +72,26 @@ class LoRALinear(nnx.Module):
         if adapter_in_base_product(*kernel.shape):
             return in_product(self.scale, x, adapter_input, *factors)
         return None
+
+    def as_product(self, rng=None):
+        """-> (product, params) for layers.swiglu_product: this layer's call with its
+        input handed back in the backward, not saved (the accumulated product's path);
+        None with a bias, with dropout active, or where the adapter is not accumulated."""
+        kernel = self.base.kernel[...]
+        dropping = self.dropout != 0 and rng is not None  # as in `dropout`
+        if self.base.bias is not None or dropping:
+            return None
+        factors = self._factors()
+        if kernel.ndim != 2 or not adapter_accumulated(*factors):
+            return None
+        return AccumulatedProduct(self.scale), factors
+
+    def _factors(self):
+        """(W, A, B) in the layer's compute dtype, as Linear casts."""
+        dt = self.base.dtype
+        return tuple(
+            f.astype(dt) for f in (self.base.kernel[...], self.lora_a[...], self.lora_b[...])
+        )
 
     def lora_path(self, x):
         """scale * x A^T B for the (already dropped-out) input x."""
@@ -137,8 +158,13 @@ def _mkl_factor_grads(scale, g_NO, x_ND, xa_NR, b_RO):
     """MKL's products for the adapter path's gradients: -> (dxa = d(loss)/d(s x A^T) =
     s g B^T, dA = dxa^T x, dB = xa^T g); x is the adapter's input, xa = s x A^T."""
     dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * scale
+    return (dxa_NR, *_mkl_ab_grads(dxa_NR, x_ND, xa_NR, g_NO))
+
+
+def _mkl_ab_grads(dxa_NR, x_ND, xa_NR, g_NO):
+    """-> (dA = dxa^T x, dB = xa^T g) in MKL."""
     da_RD = mkl_gemm.gemm(dxa_NR, x_ND, transpose_a=True)
-    return dxa_NR, da_RD, mkl_gemm.gemm(xa_NR, g_NO, transpose_a=True)
+    return da_RD, mkl_gemm.gemm(xa_NR, g_NO, transpose_a=True)
 
 
 def _factor_grads(dxa_NR, x_ND, xa_NR, g_NO, a_RD, b_dtype):
@@ -174,30 +200,57 @@ def accumulated_product(scale: float, x_TD, xd_TD, w_DO, a_RD, b_RO):
 
 def _accumulated_product_fwd(scale, x_TD, xd_TD, w_DO, a_RD, b_RO):
     x_ND = x_TD.reshape(-1, x_TD.shape[-1])
-    xd_ND = x_ND if xd_TD is None else xd_TD.reshape(x_ND.shape)
-    xa_NR = mkl_gemm.gemm(xd_ND, a_RD, transpose_b=True) * scale
-    y_NO = mkl_gemm.gemm_accumulate(mkl_gemm.gemm(x_ND, w_DO), xa_NR, b_RO)
+    xd_ND = None if xd_TD is None else xd_TD.reshape(x_ND.shape)
+    params = (w_DO, a_RD, b_RO)
+    y_NO, (xa_NR,) = AccumulatedProduct(scale).forward(x_ND, params, xd_ND)
     y_TO = y_NO.reshape(*x_TD.shape[:-1], w_DO.shape[-1])
-    return y_TO, (x_ND, xd_TD, w_DO, a_RD, b_RO, xa_NR)
+    return y_TO, (x_ND, xd_TD, params, xa_NR)
 
 
 def _accumulated_product_bwd(scale, res, g_TO):
-    x_ND, xd_TD, w_DO, a_RD, b_RO, xa_NR = res
-    xd_ND = x_ND if xd_TD is None else xd_TD.reshape(x_ND.shape)
+    x_ND, xd_TD, params, xa_NR = res
     g_NO = g_TO.reshape(-1, g_TO.shape[-1])
-    dxa_NR, da_RD, db_RO = _mkl_factor_grads(scale, g_NO, xd_ND, xa_NR, b_RO)
-    dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
-    if xd_TD is None:
-        dx_ND, dxd_TD = mkl_gemm.gemm_accumulate(dx_ND, dxa_NR, a_RD), None
+    product = AccumulatedProduct(scale)
+    if xd_TD is None:  # the adapter's dx accumulated into the base's
+        dx_ND, dxa_NR = product.input_grad(params, (xa_NR,), g_NO)
+        grads, dxd_TD = product.param_grads(x_ND, params, (xa_NR,), dxa_NR, g_NO), None
     else:
+        w_DO, a_RD, b_RO = params
+        dxa_NR, da_RD, db_RO = _mkl_factor_grads(
+            scale, g_NO, xd_TD.reshape(x_ND.shape), xa_NR, b_RO
+        )
+        dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
         dxd_TD = mkl_gemm.gemm(dxa_NR, a_RD).reshape(xd_TD.shape)
-    return (
-        dx_ND.reshape(*g_TO.shape[:-1], x_ND.shape[-1]),
-        dxd_TD,
-        mkl_gemm.gemm(x_ND, g_NO, transpose_a=True),
-        da_RD,
-        db_RO,
-    )
+        grads = (mkl_gemm.gemm(x_ND, g_NO, transpose_a=True), da_RD, db_RO)
+    return (dx_ND.reshape(*g_TO.shape[:-1], x_ND.shape[-1]), dxd_TD, *grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumulatedProduct:
+    """accumulated_product's products with the adapter seeing x itself (no dropout), as
+    a layers.swiglu_product projection (params (W, A, B); see layers.MatmulProduct):
+    LoRA on Llama's down_proj then saves A's small product xa, not its input."""
+
+    scale: float
+
+    def forward(self, x_ND, params, xd_ND=None):
+        """-> (x W + scale (xd A^T) B, (xa = scale xd A^T,)); xd None: x itself."""
+        w_DO, a_RD, b_RO = params
+        xa_NR = mkl_gemm.gemm(x_ND if xd_ND is None else xd_ND, a_RD, transpose_b=True)
+        xa_NR = xa_NR * self.scale
+        return mkl_gemm.gemm_accumulate(mkl_gemm.gemm(x_ND, w_DO), xa_NR, b_RO), (xa_NR,)
+
+    def input_grad(self, params, saved, g_NO):
+        """-> (dx = g W^T + dxa A, the adapter's dx added in W's output buffer; dxa)."""
+        w_DO, a_RD, b_RO = params
+        dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * self.scale
+        dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
+        return mkl_gemm.gemm_accumulate(dx_ND, dxa_NR, a_RD), dxa_NR
+
+    def param_grads(self, x_ND, params, saved, dxa_NR, g_NO):
+        """-> (dW, dA, dB); XLA drops dW when W is frozen."""
+        dw_DO = mkl_gemm.gemm(x_ND, g_NO, transpose_a=True)
+        return (dw_DO, *_mkl_ab_grads(dxa_NR, x_ND, saved[0], g_NO))
 
 
 accumulated_product.defvjp(_accumulated_product_fwd, _accumulated_product_bwd)
