@@ -159,7 +159,10 @@ def _recompute_probs():
 
     from ftlib.models import attention
 
-    return _patched(attention, "_causal", attention_recompute.causal)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_attention_ops())
+    stack.enter_context(_patched(attention, "_causal", attention_recompute.causal))
+    return stack
 
 
 def _adapter_in_product(rule):
@@ -202,10 +205,14 @@ def _xla_gemm():
 
 
 def _xla_batched_products():
-    """The attention's batched products in XLA's kernels, the rest as ftlib runs it."""
+    """The attention's batched products in XLA's kernels, the rest as ftlib runs it
+    (the blocked attention as ops: attention_kernel.cc off)."""
     from ftlib import mkl_gemm
 
-    return _patched(mkl_gemm, "einsum_transposes", lambda spec: None)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_attention_ops())
+    stack.enter_context(_patched(mkl_gemm, "einsum_transposes", lambda spec: None))
+    return stack
 
 
 def _kernel_off(module: str, name: str):
@@ -238,9 +245,20 @@ def _xla_rms_norm():
     return _kernel_off("ftlib.models.layers", "rms_norm_kernel")
 
 
+def _attention_ops():
+    """The blocked causal attention as XLA ops around MKL's batched products and
+    masked_softmax.cc (the path before attention_kernel.cc): its transposes, block
+    copies and concatenations."""
+    return _kernel_off("ftlib.models.attention", "attention_kernel")
+
+
 def _xla_attention_softmax():
-    """The blocked attention's softmax in XLA's ops (YNNPACK's fusion), not masked_softmax.cc."""
-    return _kernel_off("ftlib.models.attention", "masked_softmax")
+    """The blocked attention's softmax in XLA's ops (YNNPACK's fusion), not masked_softmax.cc
+    (the blocked attention as ops: attention_kernel.cc off)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(_attention_ops())
+    stack.enter_context(_kernel_off("ftlib.models.attention", "masked_softmax"))
+    return stack
 
 
 def _xla_adamw():
@@ -291,6 +309,7 @@ VARIANTS = {
     "xla_elementwise": _xla_elementwise,
     "xla_adamw": _xla_adamw,
     "xla_attention_softmax": _xla_attention_softmax,
+    "attention_ops": _attention_ops,
 }
 # Variants that are XLA options of the step's compile (GPU flags: xla/debug_options_flags.cc).
 COMPILER_OPTIONS = {

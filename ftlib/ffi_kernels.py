@@ -1,10 +1,11 @@
 """ftlib's C++ kernels for XLA:CPU (FFI custom calls): the switch, the build, the cache.
 
 Each kernel is one .cc file next to this module (mkl_gemm.cc, softmax_xent.cc,
-swiglu_backward.cc, rms_norm_kernel.cc, adamw_kernel.cc, masked_softmax.cc), sharing
-cpu_pool.h and cpu_math.h. It is compiled on first use with the C++ compiler (`$CXX`,
-else g++) against jaxlib's FFI headers and cached in `$FTLIB_CACHE/kernels` (default
-~/.cache/ftlib) by a hash of its sources, the build flags and jax's version.
+swiglu_backward.cc, rms_norm_kernel.cc, adamw_kernel.cc, masked_softmax.cc,
+attention_kernel.cc), sharing cpu_pool.h, cpu_math.h and mkl_sgemm.h. It is compiled on
+first use with the C++ compiler (`$CXX`, else g++) against jaxlib's FFI headers and cached
+in `$FTLIB_CACHE/kernels` (default ~/.cache/ftlib) by a hash of its sources, the build
+flags and jax's version.
 
 `FTLIB_CPU_GEMM` picks for all of them: `auto` (default: ftlib's kernels where they
 build), `xla` (XLA's own ops everywhere), `mkl` (ftlib's kernels always on CPU for
@@ -29,7 +30,7 @@ from ftlib import assets
 from ftlib.errors import FtlibError
 
 HERE = pathlib.Path(__file__).parent
-HEADERS = (HERE / "cpu_pool.h", HERE / "cpu_math.h")
+HEADERS = (HERE / "cpu_pool.h", HERE / "cpu_math.h", HERE / "mkl_sgemm.h")
 CHOICES = ("auto", "xla", "mkl")
 # No errno from sqrt and no trapping FP exceptions: neither is ever read, and without
 # them GCC leaves loops with a square root or a select over a division scalar.

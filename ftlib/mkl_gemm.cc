@@ -15,21 +15,15 @@
 #include <cstdint>
 #include <utility>
 
-#include <dlfcn.h>
-
 #include "cpu_pool.h"
+#include "mkl_sgemm.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using SgemmFn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                         const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                         int ldc);
-SgemmFn cblas_sgemm = nullptr;
-
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+using ftlib::cblas_sgemm, ftlib::kNoTrans, ftlib::kRowMajor, ftlib::kTrans;
 
 struct Gemm {
   const float* a;
@@ -91,21 +85,6 @@ ffi::Error SgemmAcc(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0, ffi::Buffer<
 }
 
 }  // namespace
-
-// Loads MKL's single dynamic library privately (RTLD_DEEPBIND: a torch loaded in the
-// same process exports its own cblas_sgemm, with OpenMP threads) in its sequential
-// layer. Returns 0, or -1 with nothing loaded.
-extern "C" int FtlibMklInit(const char* mkl_rt_path) {
-  void* lib = dlopen(mkl_rt_path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
-  if (lib == nullptr) return -1;
-  auto set_layer = reinterpret_cast<int (*)(int)>(dlsym(lib, "MKL_Set_Threading_Layer"));
-  auto sgemm = reinterpret_cast<SgemmFn>(dlsym(lib, "cblas_sgemm"));
-  if (set_layer == nullptr || sgemm == nullptr) return -1;
-  constexpr int kSequential = 1;  // MKL_THREADING_SEQUENTIAL
-  set_layer(kSequential);
-  cblas_sgemm = sgemm;
-  return 0;
-}
 
 // The attributes both targets take after their buffers.
 template <typename Binding>

@@ -40,13 +40,14 @@ def _mkl_rt() -> pathlib.Path:
     raise Unavailable("the `mkl` package has no libmkl_rt.so")
 
 
-def _init_mkl(library) -> None:
+def init_mkl(library) -> None:
+    """Loads MKL into a kernel library that includes mkl_sgemm.h (its FtlibMklInit)."""
     mkl_rt = _mkl_rt()
     if library.FtlibMklInit(str(mkl_rt).encode()) != 0:
         raise Unavailable(f"could not load MKL from {mkl_rt}")
 
 
-KERNEL = ffi_kernels.Kernel(SOURCE, TARGETS, "fp32 CPU products stay in XLA", _init_mkl)
+KERNEL = ffi_kernels.Kernel(SOURCE, TARGETS, "fp32 CPU products stay in XLA", init_mkl)
 
 
 def applies(*operands) -> bool:

@@ -76,6 +76,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "xla_rms_norm": (layers, "rms_norm_kernel"),
         "xla_adamw": (optim, "fused_adamw"),
         "xla_attention_softmax": (attention, "masked_softmax"),
+        "attention_ops": (attention, "attention_kernel"),
     }
     for name, (owner, attr) in patched.items():
         before = getattr(owner, attr)

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ftlib import masked_softmax
+from ftlib import attention_kernel, masked_softmax
 from ftlib.models.layers import accumulation_dtype, einsum
 
 NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
@@ -97,6 +97,8 @@ def causal_attention(
     if impl == "pallas":
         return _pallas(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     n = query_blocks(T) if num_blocks is None else num_blocks
+    if attention_kernel.applies(q_BTNH, k_BTKH, v_BTKH):  # fp32 on one CPU device
+        return _causal_kernel(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)
     return _causal(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)
 
 
@@ -233,3 +235,22 @@ def _causal_bwd(n, res, dout_BTNH):
 
 
 _causal.defvjp(_causal_fwd, _causal_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _causal_kernel(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
+    """`_causal` in ftlib.attention_kernel's C++ calls: the same blocks and saved
+    probabilities, read and written in place in [B, T, heads, H]."""
+    return attention_kernel.forward(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)[0]
+
+
+def _causal_kernel_fwd(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
+    out_BTNH, probs = attention_kernel.forward(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)
+    return out_BTNH, (q_BTNH, k_BTKH, v_BTKH, probs, out_BTNH)
+
+
+def _causal_kernel_bwd(n, res, dout_BTNH):
+    return (*attention_kernel.backward(n, *res, dout_BTNH), None)
+
+
+_causal_kernel.defvjp(_causal_kernel_fwd, _causal_kernel_bwd)
