@@ -83,7 +83,7 @@ def _query_rows(rows: int):
 def _autodiff_norm_mlp():
     """RMSNorm and SwiGLU differentiated by autodiff (more saved activations): their
     custom_vjp's undecorated forward functions. On the CPU kernels' path this also turns
-    off layers.swiglu_product, whose backward is SwiGLU's (CPU runs of this variant before
+    off products.swiglu_product, whose backward is SwiGLU's (CPU runs of this variant before
     2026-11-27, session 24, had it on)."""
     from ftlib.models import layers, llama
 
@@ -94,11 +94,19 @@ def _autodiff_norm_mlp():
 
 def _down_saves_h():
     """The MLP as swiglu, then down_proj's own call (whose products save h = swiglu(gate,
-    up) for the weight gradients: W's, or LoRA's A), not layers.swiglu_product (h
+    up) for the weight gradients: W's, or LoRA's A), not products.swiglu_product (h
     recomputed in SwiGLU's backward kernel)."""
-    from ftlib.models import llama
+    from ftlib.models import products
 
-    return _patched(llama, "swiglu_product_applies", lambda *operands: False)
+    return _patched(products, "swiglu_product_applies", lambda *operands: False)
+
+
+def _separate_projections():
+    """q, k, v (and gate, up) as separate products, each saving its input, their input
+    gradients added by XLA, not products.shared_input_products."""
+    from ftlib.models import products
+
+    return _patched(products, "shared_input_applies", lambda *operands: False)
 
 
 def _frozen_bf16():
@@ -287,6 +295,7 @@ VARIANTS = {
     "query_rows_256": lambda: _query_rows(256),
     "autodiff_norm_mlp": _autodiff_norm_mlp,
     "down_saves_h": _down_saves_h,
+    "separate_projections": _separate_projections,
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
     # LoRA: two products everywhere / the in-product everywhere / for q, o, gate and up.

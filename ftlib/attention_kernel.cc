@@ -11,8 +11,10 @@
 //   ftlib_causal_attention_fwd: q [B, T, N, H], k and v [B, T, K, H] f32, mask [B, T, T]
 //     pred (query t may see key s; nothing above the diagonal), attr `blocks` ->
 //     out [B, T, N, H] f32, probs [B, N, P] f32.
-//   ftlib_causal_attention_bwd: q, k, v, probs, out, dout [B, T, N, H] ->
-//     dq [B, T, N, H], dk and dv [B, T, K, H] f32.
+//   ftlib_causal_attention_bwd: q, k, v, probs, dout [B, T, N, H] ->
+//     dq [B, T, N, H], dk and dv [B, T, K, H] f32. The softmax's backward takes
+//     sum_s p dp per row (equal to dout . out), so the output is not a residual: o_proj
+//     saves it already, and under the layer scan each residual is one more stack.
 // Query head n reads key/value head n / (N / K) (grouped-query attention). T is cut into
 // `blocks` query blocks of R = T / blocks rows; block i meets keys [0, (i + 1) R) only,
 // and its probabilities [R, (i + 1) R] sit at offset R^2 i (i + 1) / 2 of a head's P =
@@ -131,13 +133,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> probs,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, int64_t blocks) {
   const Shape s = ShapeOf(q.dimensions(), k.dimensions(), blocks);
   if (auto error = CheckShapes(s, k.dimensions()); error.failure()) return error;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const float *pp = probs.typed_data(), *op = out.typed_data(), *dop = dout.typed_data();
+  const float *pp = probs.typed_data(), *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   const int64_t R = s.R(), ldq = s.N * s.H, ldk = s.K * s.H;
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.H));
@@ -161,9 +163,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ldk);
         cblas_sgemm(kRowMajor, kNoTrans, kTrans, R, end, s.H, 1.0f, do0, ldq,
                     vp + s.KRow(b, 0, kv), ldk, 0.0f, ds.data(), end);
-        for (int64_t r = 0; r < R; ++r) {
-          const float delta = Dot(do0 + r * ldq, op + s.QRow(b, t0 + r, n), s.H);
-          SoftmaxGradRow(ds.data() + r * end, p + r * end, delta, end);
+        for (int64_t r = 0; r < R; ++r) {  // delta = sum_s p dp = dout . out, out not kept
+          float* ds_r = ds.data() + r * end;
+          SoftmaxGradRow(ds_r, p + r * end, Dot(ds_r, p + r * end, end), end);
         }
         // dQ = scale dS K[:end]; dK[:end] += scale dS^T Q.
         cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, R, s.H, end, scale, ds.data(), end,
@@ -192,7 +194,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibCausalAttentionFwd, Forward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibCausalAttentionBwd, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -65,8 +65,9 @@ def forward(blocks: int, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
     )
 
 
-def backward(blocks: int, q_BTNH, k_BTKH, v_BTKH, probs, out_BTNH, dout_BTNH):
-    """-> (dq, dk, dv) of `forward`'s output for the cotangent dout."""
+def backward(blocks: int, q_BTNH, k_BTKH, v_BTKH, probs, dout_BTNH):
+    """-> (dq, dk, dv) of `forward`'s output for the cotangent dout (the output itself is
+    not needed)."""
     results = (
         jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32),
         jax.ShapeDtypeStruct(k_BTKH.shape, jnp.float32),
@@ -79,7 +80,6 @@ def backward(blocks: int, q_BTNH, k_BTKH, v_BTKH, probs, out_BTNH, dout_BTNH):
         k_BTKH,
         v_BTKH,
         probs,
-        out_BTNH,
         dout_BTNH.astype(jnp.float32),
         blocks=np.int64(blocks),
     )

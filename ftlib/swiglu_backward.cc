@@ -8,7 +8,7 @@
 //   ftlib_swiglu_backward: gate, up, dh f32 (same shape) ->
 //     dgate = dh * up * s * (1 + gate * (1 - s)), dup = dh * gate * s, s = sigmoid(gate)
 //   ftlib_swiglu_backward_h: the same, and h = gate * s * up, the forward's output,
-//     recomputed for the down projection's weight gradients (layers.swiglu_product)
+//     recomputed for the down projection's weight gradients (models/products.py)
 
 #include <cstdint>
 

@@ -41,7 +41,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     import paired_ab
 
     from ftlib import linear_cross_entropy, optim, steps
-    from ftlib.models import attention, layers, llama
+    from ftlib.models import attention, layers, llama, products
     from ftlib.models.llama import Llama
     from ftlib.peft import lora
 
@@ -63,7 +63,8 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     patched = {
         "uninitialized_scan_stacks": (loops, "_empty_array"),
         "indexed_layers": (llama, "layer_slices"),
-        "down_saves_h": (llama, "swiglu_product_applies"),
+        "down_saves_h": (products, "swiglu_product_applies"),
+        "separate_projections": (products, "shared_input_applies"),
         "frozen_bf16": (steps, "init_train_state"),
         "fused_grads": (steps, "materialized"),
         "lora_two_products": (lora, "adapter_accumulated"),

@@ -20,11 +20,11 @@ from ftlib.models.attention import (
     resolve_impl,
     unpacked_lengths,
 )
-from ftlib.models.layers import (
+from ftlib.models.layers import matmul, rms_norm, swiglu
+from ftlib.models.products import (
     MatmulProduct,
-    matmul,
-    rms_norm,
-    swiglu,
+    shared_input_applies,
+    shared_input_products,
     swiglu_product,
     swiglu_product_applies,
 )
@@ -208,6 +208,17 @@ def test_swiglu_product_saves_its_inputs_not_swiglus_output():
         ),
     ]
     assert len(saved) == 6 and saved[5].startswith("f32[4,2] "), saved
+
+
+def test_shared_input_products_save_their_input_once():
+    """q, k, v-like projections of one x: x saved once, not once per projection."""
+    x, w, a, b = jnp.ones((4, 8)), jnp.ones((8, 3)), jnp.ones((2, 8)), jnp.ones((2, 3))
+    params = ((w,), (w, a, b), (w,))
+    if not shared_input_applies(x, params):
+        pytest.skip("shared_input_products runs on ftlib's CPU kernels only")
+    products = (MatmulProduct(), lora.AccumulatedProduct(2.0), MatmulProduct())
+    saved = _saved_residuals(lambda x, p: sum(shared_input_products(products, x, p)), x, params)
+    assert sum(line.startswith("f32[4,8] ") for line in saved) == 1, saved
 
 
 def test_lora_product_gradients_match_autodiff():

@@ -318,7 +318,8 @@ def test_swiglu_product_matches_swiglu_then_the_projection(monkeypatch, projecti
     """The MLP's path on the CPU kernels (h = swiglu(gate, up) recomputed in SwiGLU's
     backward kernel for the projection's parameter gradients), down_proj plain or LoRA's,
     against swiglu, then the projection by XLA's autodiff."""
-    from ftlib.models.layers import MatmulProduct, swiglu, swiglu_product, swiglu_product_applies
+    from ftlib.models.layers import swiglu
+    from ftlib.models.products import MatmulProduct, swiglu_product, swiglu_product_applies
     from ftlib.peft.lora import AccumulatedProduct
 
     rng = np.random.default_rng(5)
@@ -351,16 +352,49 @@ def test_swiglu_product_matches_swiglu_then_the_projection(monkeypatch, projecti
 
 
 @needs_mkl
+def test_shared_input_products_match_separate_projections(monkeypatch):
+    """q, k, v-like projections of one input (plain and LoRA's) as one custom VJP, x
+    saved once and its gradient summed in one buffer, against XLA's autodiff."""
+    from ftlib.models.products import MatmulProduct, shared_input_applies, shared_input_products
+    from ftlib.peft.lora import AccumulatedProduct
+
+    rng = np.random.default_rng(6)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
+    x = normal(2, 9, 24)
+    params = ((normal(24, 16),), (normal(24, 16), normal(4, 24), normal(4, 16)), (normal(24, 8),))
+    products = (MatmulProduct(), AccumulatedProduct(2.0), MatmulProduct())
+    gs = [normal(2, 9, 16), normal(2, 9, 16), normal(2, 9, 8)]
+
+    def plain(x, ps):
+        (w1,), (w2, a, b), (w3,) = ps
+        return [x @ w1, x @ w2 + 2.0 * (x @ a.T) @ b, x @ w3]
+
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "mkl")
+    assert shared_input_applies(x, params)
+
+    def value_and_grads(x, params):
+        fn = plain
+        if shared_input_applies(x, params):
+            fn = lambda x, ps: shared_input_products(products, x, ps)  # noqa: E731
+        ys, vjp = jax.vjp(fn, x, params)
+        return ys, *vjp(gs)
+
+    got, want = _in_both(monkeypatch, value_and_grads, x, params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+@needs_mkl
 @pytest.mark.parametrize(
     "method, scan_layers",
     [("full", True), ("full", False), ("prefix", True), ("lora", True), ("lora_dropout", True)],
 )
-def test_llama_mlp_recomputes_swiglu_for_down_proj(monkeypatch, method, scan_layers):
-    """Where down_proj is a plain Linear (full fine-tuning, prefix tuning) or LoRA without
-    dropout, the compiled train step recomputes h in SwiGLU's backward kernel (once in
-    the scan's body, once per layer in the loop); with the base frozen (prefix, LoRA) it
-    drops down_proj's weight gradient. LoRA with dropout keeps swiglu, then its own
-    products. (Losses against XLA's ops:
+def test_llama_layers_share_and_recompute_saved_inputs(monkeypatch, method, scan_layers):
+    """Where the projections are plain Linears (full fine-tuning, prefix tuning) or LoRA
+    without dropout, q, k, v and gate, up run as products sharing their input, and the
+    compiled train step recomputes h in SwiGLU's backward kernel (once in the scan's
+    body, once per layer in the loop); with the base frozen (prefix, LoRA) it drops
+    down_proj's weight gradient. LoRA with dropout keeps each module's own call. (Losses against XLA's ops:
     test_tiny_training_run_logs_the_same_losses_with_either_products.)"""
     import dataclasses
 
@@ -381,8 +415,12 @@ def test_llama_mlp_recomputes_swiglu_for_down_proj(monkeypatch, method, scan_lay
     tx = optax.adamw(1e-3)
     graphdef, state, frozen = steps.init_train_state(model, peft.apply_method(model, peft_cfg), tx)
     step = jax.jit(steps.make_train_step(graphdef, tx))
-    hlo = step.lower(state, frozen, tiny_llama.batch(0, cfg, B=2, T=8)).compile().as_text()
+    batch = tiny_llama.batch(0, cfg, B=2, T=8)
+    hlo = step.lower(state, frozen, batch).compile().as_text()
     calls = 0 if method == "lora_dropout" else (1 if scan_layers else cfg.num_layers)
+    # q, k, v and gate, up: each group one custom VJP saving its input once.
+    jaxpr = str(jax.make_jaxpr(lambda b: steps._hidden(model, b, jax.random.key(0)))(batch))
+    assert jaxpr.count("name=shared_input_products") == 2 * calls
     assert hlo.count('"ftlib_swiglu_backward_h"') == calls
     assert ('"ftlib_swiglu_backward"' in hlo) == (method == "lora_dropout")
     down_dw = f"f32[{cfg.intermediate_size},{cfg.hidden_size}]{{1,0}} custom-call"  # h^T g

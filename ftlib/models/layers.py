@@ -8,7 +8,6 @@ get a leading 'layers' axis.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftlib import mkl_gemm, rms_norm_kernel, swiglu_backward
+from ftlib.models import products
 
 DEFAULT_INIT = nnx.initializers.normal(0.02)
 
@@ -78,12 +78,12 @@ class Linear(nnx.Module):
         return y
 
     def as_product(self, rng=None):
-        """-> (product, params) for swiglu_product: this layer's call with its input
-        handed back in the backward, not saved; None with a bias."""
+        """-> (product, params) for ftlib.models.products: this layer's call as a
+        MatmulProduct; None with a bias."""
         del rng
         if self.bias is not None:
             return None
-        return MatmulProduct(), (self.kernel[...].astype(self.dtype),)
+        return products.MatmulProduct(), (self.kernel[...].astype(self.dtype),)
 
 
 def layer_slices(tree, L: int) -> list:
@@ -242,70 +242,6 @@ def _swiglu_bwd(res, dh_TF):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-def swiglu_product_applies(gate_TF, up_TF, params) -> bool:
-    """Whether swiglu_product runs on ftlib's CPU kernels: SwiGLU's backward kernel and
-    MKL's products (fp32, one CPU device, 2-D params). Elsewhere the MLP keeps swiglu,
-    then its down projection's own call."""
-    return (
-        all(jnp.ndim(p) == 2 for p in params)
-        and swiglu_backward.applies(gate_TF, up_TF, gate_TF)
-        and mkl_gemm.applies(gate_TF, up_TF, *params)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class MatmulProduct:
-    """x @ w as a swiglu_product projection (params: (w,)), in MKL. A projection for
-    swiglu_product has three methods, its backward split around the input it is handed
-    back: forward(x_NI, params) -> (y_NO, saved), saved not holding x;
-    input_grad(params, saved, g_NO) -> (dx_NI, carry);
-    param_grads(x_NI, params, saved, carry, g_NO) -> the params' gradients."""
-
-    def forward(self, x_NI, params):
-        (w_IO,) = params
-        return mkl_gemm.gemm(x_NI, w_IO), ()
-
-    def input_grad(self, params, saved, g_NO):
-        (w_IO,) = params
-        return mkl_gemm.gemm(g_NO, w_IO, transpose_b=True), None
-
-    def param_grads(self, x_NI, params, saved, carry, g_NO):
-        return (mkl_gemm.gemm(x_NI, g_NO, transpose_a=True),)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def swiglu_product(product, gate_TF, up_TF, params):
-    """product(swiglu(gate, up), params): Llama's MLP after its gate and up projections,
-    the down projection given as a MatmulProduct-like `product` (Linear.as_product, LoRA's
-    as well). It saves gate, up, params and the product's own small residuals, not
-    h = swiglu(gate, up): SwiGLU's backward kernel recomputes h for the params' gradients
-    in the pass that reads gate and up anyway. Saved, h is one more [tokens,
-    intermediate] stack under the layer scan, written, zero-filled and sliced back every
-    step (paired full fine-tuning steps ~3% faster on llama-small, ~2% on llama-tiny:
-    benchmarks/README.md). Only where swiglu_product_applies. When params are frozen
-    their gradients are unused and XLA drops those products."""
-    return _swiglu_product_fwd(product, gate_TF, up_TF, params)[0]
-
-
-def _swiglu_product_fwd(product, gate_TF, up_TF, params):
-    h_NF = swiglu(gate_TF, up_TF).reshape(-1, gate_TF.shape[-1])
-    y_NO, saved = product.forward(h_NF, params)
-    return y_NO.reshape(*gate_TF.shape[:-1], -1), (gate_TF, up_TF, params, saved)
-
-
-def _swiglu_product_bwd(product, res, g_TO):
-    gate_TF, up_TF, params, saved = res
-    g_NO = g_TO.reshape(-1, g_TO.shape[-1])
-    dh_NF, carry = product.input_grad(params, saved, g_NO)
-    dh_TF = dh_NF.reshape(gate_TF.shape)
-    dgate, dup, h_TF = swiglu_backward.backward(gate_TF, up_TF, dh_TF, with_h=True)
-    dparams = product.param_grads(h_TF.reshape(dh_NF.shape), params, saved, carry, g_NO)
-    return dgate, dup, tuple(dparams)
-
-
-swiglu_product.defvjp(_swiglu_product_fwd, _swiglu_product_bwd)
 
 
 class Embed(nnx.Module):

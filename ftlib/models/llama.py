@@ -25,9 +25,8 @@ from ftlib.models.layers import (
     rope_tables,
     scans_layers,
     swiglu,
-    swiglu_product,
-    swiglu_product_applies,
 )
+from ftlib.models.products import down_projection, project
 
 REMAT_POLICIES = {
     "none": None,
@@ -119,9 +118,8 @@ class Attention(nnx.Module):
         B, T, _ = x_BTD.shape
         K, N, H = self.num_kv_heads, self.num_heads, self.head_dim
         keys = _split(rng, 4)
-        q = self.q_proj(x_BTD, rng=keys[0]).reshape(B, T, N, H)
-        k = self.k_proj(x_BTD, rng=keys[1]).reshape(B, T, K, H)
-        v = self.v_proj(x_BTD, rng=keys[2]).reshape(B, T, K, H)
+        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x_BTD, keys[:3])
+        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:  # self-attention over this call's tokens: the mask is causal
             out_BTNH = causal_attention(
@@ -145,14 +143,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD, rng=None):
         keys = _split(rng, 3)
-        gate, up = self.gate_proj(x_BTD, rng=keys[0]), self.up_proj(x_BTD, rng=keys[1])
-        # A plain Linear or LoRA (no bias, no active dropout) can take h back in its
-        # backward; other adapters' wrappers have no as_product.
-        as_product = getattr(self.down_proj, "as_product", None)
-        product = as_product(keys[2]) if as_product else None
-        if product and swiglu_product_applies(gate, up, product[1]):
-            return swiglu_product(product[0], gate, up, product[1])
-        return self.down_proj(swiglu(gate, up), rng=keys[2])
+        gate, up = project([self.gate_proj, self.up_proj], x_BTD, keys[:2])
+        down = down_projection(self.down_proj, gate, up, keys[2])  # h recomputed
+        return self.down_proj(swiglu(gate, up), rng=keys[2]) if down is None else down
 
 
 class Block(nnx.Module):

@@ -55,7 +55,7 @@ class DoRALinear(lora.LoRALinear):
         return y + (mag - 1) * xw + mag * self.lora_path(x_drop)
 
     def as_product(self, rng=None):
-        """None: DoRA's call is not LoRA's product (layers.swiglu_product keeps out)."""
+        """None: DoRA's call is not LoRA's product (ftlib.models.products)."""
         return None
 
     def merged_kernel(self):

@@ -74,9 +74,9 @@ class LoRALinear(nnx.Module):
         return None
 
     def as_product(self, rng=None):
-        """-> (product, params) for layers.swiglu_product: this layer's call with its
-        input handed back in the backward, not saved (the accumulated product's path);
-        None with a bias, with dropout active, or where the adapter is not accumulated."""
+        """-> (product, params) for ftlib.models.products: this layer's call as an
+        AccumulatedProduct; None with a bias, with dropout active, or where the adapter
+        is not accumulated."""
         kernel = self.base.kernel[...]
         dropping = self.dropout != 0 and rng is not None  # as in `dropout`
         if self.base.bias is not None or dropping:
@@ -228,8 +228,9 @@ def _accumulated_product_bwd(scale, res, g_TO):
 @dataclasses.dataclass(frozen=True)
 class AccumulatedProduct:
     """accumulated_product's products with the adapter seeing x itself (no dropout), as
-    a layers.swiglu_product projection (params (W, A, B); see layers.MatmulProduct):
-    LoRA on Llama's down_proj then saves A's small product xa, not its input."""
+    a product of ftlib.models.products (params (W, A, B)): LoRA's projections then share
+    their saved input (q, k, v; gate, up), and down_proj saves A's small product xa, not
+    its input."""
 
     scale: float
 
@@ -240,11 +241,14 @@ class AccumulatedProduct:
         xa_NR = xa_NR * self.scale
         return mkl_gemm.gemm_accumulate(mkl_gemm.gemm(x_ND, w_DO), xa_NR, b_RO), (xa_NR,)
 
-    def input_grad(self, params, saved, g_NO):
-        """-> (dx = g W^T + dxa A, the adapter's dx added in W's output buffer; dxa)."""
+    def input_grad(self, params, saved, g_NO, dx_ND=None):
+        """-> ((dx +) g W^T + dxa A, every term added in one buffer; dxa)."""
         w_DO, a_RD, b_RO = params
         dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * self.scale
-        dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
+        if dx_ND is None:
+            dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
+        else:
+            dx_ND = mkl_gemm.gemm_accumulate(dx_ND, g_NO, w_DO, transpose_b=True)
         return mkl_gemm.gemm_accumulate(dx_ND, dxa_NR, a_RD), dxa_NR
 
     def param_grads(self, x_ND, params, saved, dxa_NR, g_NO):
