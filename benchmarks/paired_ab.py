@@ -72,7 +72,8 @@ def _select_mask():
 
 
 def _query_rows(rows: int):
-    """Causal attention's query blocks of about `rows` rows instead of 128."""
+    """Causal attention's query blocks of about `rows` rows instead of the path's own
+    (128 as XLA's ops, attention.KERNEL_BLOCK_ROWS = 64 in the attention kernel)."""
     from ftlib.models import attention
 
     blocks = attention.query_blocks
@@ -292,6 +293,7 @@ VARIANTS = {
     "one_query_block": _one_query_block,
     "select_mask": _select_mask,
     "query_rows_64": lambda: _query_rows(64),
+    "query_rows_128": lambda: _query_rows(128),
     "query_rows_256": lambda: _query_rows(256),
     "autodiff_norm_mlp": _autodiff_norm_mlp,
     "down_saves_h": _down_saves_h,
