@@ -40,7 +40,7 @@ using ftlib::cblas_sgemm, ftlib::kNoTrans, ftlib::kRowMajor, ftlib::kTrans;
 struct Shape {
   int64_t B, T, N, K, H, blocks;
   int64_t G() const { return N / K; }
-  int64_t R() const { return T / blocks; }
+  int64_t R() const { return blocks > 0 ? T / blocks : 0; }
   int64_t P() const { return R() * R() * blocks * (blocks + 1) / 2; }
   // Row t of query head n (or key/value head n) of batch b, and the rows' stride.
   int64_t QRow(int64_t b, int64_t t, int64_t n) const { return ((b * T + t) * N + n) * H; }
@@ -92,18 +92,28 @@ FTLIB_VECTOR_CLONES float Dot(const float* __restrict a, const float* __restrict
   return sum;
 }
 
-ffi::Error CheckShapes(const Shape& s, ffi::Span<const int64_t> k_dims) {
-  if (s.K <= 0 || s.N % s.K || s.blocks <= 0 || s.T % s.blocks || k_dims.size() != 4 ||
-      k_dims[0] != s.B || k_dims[1] != s.T || k_dims[3] != s.H) {
+// q [B, T, N, H], k and v [B, T, K, H] with K dividing N, `blocks` dividing T, and
+// `other` (the mask, [B, T, T]; or probs, [B, N, P]) as given.
+ffi::Error CheckShapes(const Shape& s, ffi::Span<const int64_t> k_dims,
+                       ffi::Span<const int64_t> v_dims, ffi::Span<const int64_t> other,
+                       std::vector<int64_t> other_expected) {
+  const std::vector<int64_t> kv = {s.B, s.T, s.K, s.H};
+  auto is = [](ffi::Span<const int64_t> dims, const std::vector<int64_t>& want) {
+    return std::equal(dims.begin(), dims.end(), want.begin(), want.end());
+  };
+  if (s.K <= 0 || s.N % s.K || s.blocks <= 0 || s.T % s.blocks || !is(k_dims, kv) ||
+      !is(v_dims, kv) || !is(other, other_expected)) {
     return ffi::Error::InvalidArgument(
-        "ftlib_causal_attention: q [B, T, N, H], k and v [B, T, K, H], K dividing N, "
-        "`blocks` dividing T");
+        "ftlib_causal_attention: q [B, T, N, H], k and v [B, T, K, H] (K dividing N), "
+        "`blocks` dividing T, mask [B, T, T], probs [B, N, P]");
   }
   return ffi::Error::Success();
 }
 
+// K = 0 (refused by CheckShapes) unless q and k have four dimensions.
 Shape ShapeOf(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, int64_t blocks) {
-  return Shape{q[0], q[1], q[2], k.size() == 4 ? k[2] : 0, q[3], blocks};
+  if (q.size() != 4 || k.size() != 4) return Shape{0, 0, 0, 0, 0, blocks};
+  return Shape{q[0], q[1], q[2], k[2], q[3], blocks};
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -111,7 +121,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probs,
                    int64_t blocks) {
   const Shape s = ShapeOf(q.dimensions(), k.dimensions(), blocks);
-  if (auto error = CheckShapes(s, k.dimensions()); error.failure()) return error;
+  auto error = CheckShapes(s, k.dimensions(), v.dimensions(), mask.dimensions(), {s.B, s.T, s.T});
+  if (error.failure()) return error;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const auto* mp = reinterpret_cast<const uint8_t*>(mask.typed_data());  // bools: 0 or 1
   float *op = out->typed_data(), *pp = probs->typed_data();
@@ -137,7 +148,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, int64_t blocks) {
   const Shape s = ShapeOf(q.dimensions(), k.dimensions(), blocks);
-  if (auto error = CheckShapes(s, k.dimensions()); error.failure()) return error;
+  auto error =
+      CheckShapes(s, k.dimensions(), v.dimensions(), probs.dimensions(), {s.B, s.N, s.P()});
+  if (error.failure()) return error;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *pp = probs.typed_data(), *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();

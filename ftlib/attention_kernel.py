@@ -60,7 +60,7 @@ def forward(blocks: int, q_BTNH, k_BTKH, v_BTKH, mask_BTT):
         q_BTNH,
         k_BTKH,
         v_BTKH,
-        mask_BTT.astype(jnp.bool_),
+        jnp.broadcast_to(mask_BTT, (B, T, T)).astype(jnp.bool_),  # e.g. a [1, T, T] mask
         blocks=np.int64(blocks),
     )
 
