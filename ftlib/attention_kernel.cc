@@ -78,7 +78,7 @@ FTLIB_VECTOR_CLONES void SoftmaxRow(float* __restrict x, const uint8_t* __restri
   for (int64_t j = 0; j < S; ++j) x[j] *= inv;
 }
 
-// dS = P * (dP - delta) in place over dP, delta = sum_h dout * out of the row.
+// dS = P * (dP - delta) in place over dP, delta = sum_s p dp of the row.
 FTLIB_VECTOR_CLONES void SoftmaxGradRow(float* __restrict dp, const float* __restrict p,
                                         float delta, int64_t S) {
 #pragma omp simd
@@ -128,9 +128,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   float *op = out->typed_data(), *pp = probs->typed_data();
   const int64_t R = s.R(), ldq = s.N * s.H, ldk = s.K * s.H;
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.H));
-  // Unit (b, n, block), the longest blocks first so the pool's threads end together.
+  // Unit (b, n, block), the longest blocks (the last rows) first, so that the pool's
+  // threads end together.
   ftlib::ParallelFor(pool, s.B * s.N * blocks, [=](int64_t u) {
-    const int64_t i = blocks - 1 - u % blocks, n = u / blocks % s.N, b = u / (blocks * s.N);
+    const int64_t i = blocks - 1 - u / (s.B * s.N), n = u % s.N, b = u / s.N % s.B;
     const int64_t t0 = i * R, end = t0 + R, kv = n / s.G();
     float* p = pp + s.BlockProbs(b, n, i);
     cblas_sgemm(kRowMajor, kNoTrans, kTrans, R, end, s.H, scale, qp + s.QRow(b, t0, n), ldq,

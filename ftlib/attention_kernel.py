@@ -40,7 +40,7 @@ def applies(q_BTNH, k_BTKH, v_BTKH) -> bool:
     (B, T, N, H), K = q_BTNH.shape, k_BTKH.shape[2]
     if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or N % K:
         return False
-    return mkl_gemm.applies(q_BTNH, k_BTKH, v_BTKH) and KERNEL.applies(q_BTNH, k_BTKH, v_BTKH)
+    return KERNEL.applies(q_BTNH, k_BTKH, v_BTKH)
 
 
 def forward(blocks: int, q_BTNH, k_BTKH, v_BTKH, mask_BTT):

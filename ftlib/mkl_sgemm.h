@@ -11,7 +11,7 @@ namespace ftlib {
 using SgemmFn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                          const float* a, int lda, const float* b, int ldb, float beta, float* c,
                          int ldc);
-inline SgemmFn cblas_sgemm = nullptr;
+static SgemmFn cblas_sgemm = nullptr;  // one per kernel library (each is one translation unit)
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftlib import masked_softmax, rms_norm_kernel, softmax_xent, swiglu_backward
+from ftlib import attention_kernel, masked_softmax, rms_norm_kernel, softmax_xent, swiglu_backward
 from ftlib.models import attention, layers
 
 pytestmark = pytest.mark.skipif(
@@ -157,6 +157,8 @@ def test_causal_attention_on_the_cpu_kernels_matches_xla(monkeypatch, path, K, b
     if path == "masked_softmax":
         stub = types.SimpleNamespace(applies=lambda *operands: False)
         monkeypatch.setattr(attention, "attention_kernel", stub)
+    elif not attention_kernel.applies(q, k, v):  # needs MKL (x86-64 Linux)
+        pytest.skip(f"the attention kernel is unavailable here: {attention_kernel.KERNEL.load()}")
 
     def loss_and_grads(q, k, v):
         f = lambda *a: jnp.sum(jnp.sin(attention.causal_attention(*a, mask, blocks)))  # noqa: E731
@@ -171,5 +173,26 @@ def test_causal_attention_on_the_cpu_kernels_matches_xla(monkeypatch, path, K, b
     got = loss_and_grads(q, k, v)
     monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
     want = loss_and_grads(q, k, v)
+    for name, a, b in zip(("loss", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("T", [96, 130])
+def test_attention_kernel_default_blocks_match_masked_attention(T):
+    """causal_attention's own block choice on the kernel (one 96-row block; 130 = 2 x 65),
+    one sequence, a broadcast [1, T, T] mask, against the plain masked attention."""
+    rng = np.random.default_rng(T)
+    q = jnp.asarray(rng.standard_normal((1, T, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, T, 2, 8)), jnp.float32) for _ in range(2))
+    if not attention_kernel.applies(q, k, v):
+        pytest.skip(f"the attention kernel is unavailable here: {attention_kernel.KERNEL.load()}")
+    mask = jnp.tril(jnp.ones((1, T, T), bool))
+
+    def loss_and_grads(fn):
+        f = lambda *a: jnp.sum(jnp.sin(fn(*a, mask)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    got = loss_and_grads(attention.causal_attention)
+    want = loss_and_grads(attention.attention)
     for name, a, b in zip(("loss", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -178,7 +178,8 @@ def test_linear_cross_entropy_matches_xla(monkeypatch, vocab_major):
 
 
 @needs_mkl
-def test_tiny_training_run_logs_the_same_losses_with_either_products(monkeypatch, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_tiny_training_run_logs_the_same_losses_with_either_products(monkeypatch, tmp_path, method):
     import json
 
     from tiny_runs import run_tiny
@@ -187,7 +188,7 @@ def test_tiny_training_run_logs_the_same_losses_with_either_products(monkeypatch
     for mode in ("mkl", "xla"):
         monkeypatch.setenv("FTLIB_CPU_GEMM", mode)
         (tmp_path / mode).mkdir()
-        workdir = run_tiny(tmp_path / mode / "run", max_steps=4, method="full")
+        workdir = run_tiny(tmp_path / mode / "run", max_steps=4, method=method)
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [r["loss"] for r in rows if r["split"] in ("train", "val")]
     assert len(losses["mkl"]) >= 2

@@ -141,7 +141,8 @@ def swiglu_product(product, gate_TF, up_TF, params):
 
 
 def _swiglu_product_fwd(product, gate_TF, up_TF, params):
-    h_NF = (jax.nn.silu(gate_TF) * up_TF).reshape(-1, gate_TF.shape[-1])  # layers.swiglu
+    # layers.swiglu's forward, written out: layers imports this module (Linear.as_product).
+    h_NF = (jax.nn.silu(gate_TF) * up_TF).reshape(-1, gate_TF.shape[-1])
     y_NO, saved = product.forward(h_NF, params)
     return y_NO.reshape(*gate_TF.shape[:-1], -1), (gate_TF, up_TF, params, saved)
 

@@ -54,10 +54,6 @@ class DoRALinear(lora.LoRALinear):
         mag = self._magnitude_scale().astype(dt)
         return y + (mag - 1) * xw + mag * self.lora_path(x_drop)
 
-    def as_product(self, rng=None):
-        """None: DoRA's call is not LoRA's product (ftlib.models.products)."""
-        return None
-
     def merged_kernel(self):
         return self._magnitude_scale()[..., None, :].astype(self.base.kernel.dtype) * (
             self._direction()

@@ -75,11 +75,12 @@ class LoRALinear(nnx.Module):
 
     def as_product(self, rng=None):
         """-> (product, params) for ftlib.models.products: this layer's call as an
-        AccumulatedProduct; None with a bias, with dropout active, or where the adapter
-        is not accumulated."""
+        AccumulatedProduct; None with a bias, with dropout active, where the adapter is
+        not accumulated, or in a subclass with a call of its own (DoRA)."""
         kernel = self.base.kernel[...]
         dropping = self.dropout != 0 and rng is not None  # as in `dropout`
-        if self.base.bias is not None or dropping:
+        own_call = type(self).__call__ is not LoRALinear.__call__
+        if self.base.bias is not None or dropping or own_call:
             return None
         factors = self._factors()
         if kernel.ndim != 2 or not adapter_accumulated(*factors):
