@@ -100,7 +100,10 @@ def gemm(a, b, *, transpose_a=False, transpose_b=False):
 
 def gemm_accumulate(c, a, b, *, transpose_a=False, transpose_b=False):
     """c + op(a) @ op(b), written into c's buffer (MKL's beta = 1): no separate add
-    pass over c, e.g. the LM head's [D, V] weight gradient summed over blocks."""
+    pass over c, e.g. the LM head's [D, V] weight gradient summed over blocks. c None:
+    op(a) @ op(b), the first term of a sum."""
+    if c is None:
+        return gemm(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
     batch, m, n, k = _sizes(a, b, transpose_a, transpose_b)
     if c.shape != (*batch, m, n):
         raise ValueError(f"gemm_accumulate: c is {c.shape}, the product {(*batch, m, n)}")

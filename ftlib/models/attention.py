@@ -100,8 +100,9 @@ def causal_attention(
         return _pallas(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     if attention_kernel.applies(q_BTNH, k_BTKH, v_BTKH):  # fp32 on one CPU device
         # Blocks of about 64 rows (at most 16 blocks): less work above the diagonal, and
-        # the kernel's products on them cost no copies (fwd + bwd at llama-small's shape: 27.7 ms a layer with 64
-        # rows, 31.0 with 128, 29.3 with 32; llama-tiny's: 7.5, 7.5 and 8.6 with 128).
+        # the kernel's products on them cost no copies (fwd + bwd at llama-small's
+        # shape: 27.7 ms a layer with 64 rows, 31.0 with 128, 29.3 with 32; llama-tiny's:
+        # 7.5, 7.5 and 8.6 with 128).
         n = query_blocks(T, KERNEL_BLOCK_ROWS) if num_blocks is None else num_blocks
         return _causal_kernel(n, q_BTNH, k_BTKH, v_BTKH, mask_BTT)
     n = query_blocks(T) if num_blocks is None else num_blocks

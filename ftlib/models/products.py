@@ -40,8 +40,6 @@ class MatmulProduct:
 
     def input_grad(self, params, saved, g_NO, dx_NI=None):
         (w_IO,) = params
-        if dx_NI is None:
-            return mkl_gemm.gemm(g_NO, w_IO, transpose_b=True), None
         return mkl_gemm.gemm_accumulate(dx_NI, g_NO, w_IO, transpose_b=True), None
 
     def param_grads(self, x_NI, params, saved, carry, g_NO):

@@ -246,10 +246,7 @@ class AccumulatedProduct:
         """-> ((dx +) g W^T + dxa A, every term added in one buffer; dxa)."""
         w_DO, a_RD, b_RO = params
         dxa_NR = mkl_gemm.gemm(g_NO, b_RO, transpose_b=True) * self.scale
-        if dx_ND is None:
-            dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
-        else:
-            dx_ND = mkl_gemm.gemm_accumulate(dx_ND, g_NO, w_DO, transpose_b=True)
+        dx_ND = mkl_gemm.gemm_accumulate(dx_ND, g_NO, w_DO, transpose_b=True)
         return mkl_gemm.gemm_accumulate(dx_ND, dxa_NR, a_RD), dxa_NR
 
     def param_grads(self, x_ND, params, saved, dxa_NR, g_NO):
