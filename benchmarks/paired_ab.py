@@ -174,17 +174,13 @@ def _recompute_probs():
     return stack
 
 
-def _adapter_in_product(rule, input_grad_rule=None):
+def _adapter_in_product(rule):
     """LoRA's adapter inside the base product (lora.in_product) where rule(d_in, d_out)
-    says, inside the base's input gradient (lora.input_grad_in_product) where
-    input_grad_rule says (None: as the library), else two products and an add (on the
-    CPU, not lora.accumulated_product)."""
+    says, else two products and an add (on the CPU, not lora.accumulated_product)."""
     from ftlib.peft import lora
 
     stack = contextlib.ExitStack()
     stack.enter_context(_patched(lora, "adapter_in_base_product", rule))
-    if input_grad_rule is not None:
-        stack.enter_context(_patched(lora, "adapter_in_input_grad", input_grad_rule))
     stack.enter_context(_patched(lora, "adapter_accumulated", lambda *operands: False))
     return stack
 
@@ -305,15 +301,9 @@ VARIANTS = {
     "frozen_bf16": _frozen_bf16,
     "fused_grads": _fused_grads,
     # LoRA: two products everywhere / the in-product everywhere / for q, o, gate and up.
-    "lora_two_products": lambda: _adapter_in_product(lambda i, o: False, lambda i, o: False),
+    "lora_two_products": lambda: _adapter_in_product(lambda d_in, d_out: False),
     "adapter_in_product_all": lambda: _adapter_in_product(lambda d_in, d_out: True),
     "adapter_in_product_not_narrow": lambda: _adapter_in_product(lambda i, o: o >= i),
-    # LoRA's narrow projections (k, v, down) with two input gradients, as before / the one
-    # input-gradient product also for q and o; gate and up as the library.
-    "lora_input_grads_apart": lambda: _adapter_in_product(lambda i, o: o > i, lambda i, o: False),
-    "adapter_input_grad_not_wide": lambda: _adapter_in_product(
-        lambda i, o: o > i, lambda i, o: o <= i
-    ),
     "head_rows_128": lambda: _head_rows(128),
     "head_rows_512": lambda: _head_rows(512),
     "dw_contract_tokens": _dw_contract_tokens,

@@ -69,7 +69,6 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "fused_grads": (steps, "materialized"),
         "lora_two_products": (lora, "adapter_accumulated"),
         "adapter_in_product_all": (lora, "adapter_in_base_product"),
-        "lora_input_grads_apart": (lora, "adapter_in_input_grad"),
         "recompute_probs": (attention, "_causal"),
         "head_rows_512": (linear_cross_entropy, "block_rows"),
         "dw_contract_tokens": (layers, "matmul"),

@@ -57,9 +57,8 @@ class LoRALinear(nnx.Module):
     def _one_product(self, x, x_drop):
         """x W + scale x_drop A^T B as one custom VJP, in the layer's compute dtype (as
         Linear casts): accumulated into the base product where MKL runs the products,
-        inside it where adapter_in_base_product says, inside the base's input gradient
-        where adapter_in_input_grad says; else None (two products and an add). A
-        stacked [layers, ...] kernel always takes the two products."""
+        inside it where adapter_in_base_product says; else None (two products and an
+        add). A stacked [layers, ...] kernel always takes the two products."""
         kernel = self.base.kernel[...]
         if kernel.ndim != 2:
             return None
@@ -72,8 +71,6 @@ class LoRALinear(nnx.Module):
             return accumulated_product(self.scale, x, xd, *factors)
         if adapter_in_base_product(*kernel.shape):
             return in_product(self.scale, x, adapter_input, *factors)
-        if adapter_in_input_grad(*kernel.shape):
-            return input_grad_in_product(self.scale, x, xd, *factors)
         return None
 
     def as_product(self, rng=None):
@@ -174,15 +171,10 @@ def _mkl_ab_grads(dxa_NR, x_ND, xa_NR, g_NO):
 def _factor_grads(dxa_NR, x_ND, xa_NR, g_NO, a_RD, b_dtype):
     """XLA's products for the adapter path's gradients given dxa = d(loss)/d(s x A^T):
     -> (its dx [N, D], dA, dB); x is the adapter's input, xa = s x A^T."""
-    return dot(dxa_NR, a_RD), *_ab_grads(dxa_NR, x_ND, xa_NR, g_NO, a_RD.dtype, b_dtype)
-
-
-def _ab_grads(dxa_NR, x_ND, xa_NR, g_NO, a_dtype, b_dtype):
-    """-> (dA = dxa^T x, dB = xa^T g) in XLA, contracting the tokens in place."""
     acc = accumulation_dtype(x_ND, g_NO)
     da_RD = jax.lax.dot_general(dxa_NR, x_ND, OVER_TOKENS, preferred_element_type=acc)
     db_RO = jax.lax.dot_general(xa_NR, g_NO, OVER_TOKENS, preferred_element_type=acc)
-    return da_RD.astype(a_dtype), db_RO.astype(b_dtype)
+    return dot(dxa_NR, a_RD), da_RD.astype(a_RD.dtype), db_RO.astype(b_dtype)
 
 
 lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
@@ -316,53 +308,6 @@ def _in_product_bwd(scale, res, g_TO):
 
 
 in_product.defvjp(_in_product_fwd, _in_product_bwd)
-
-
-def adapter_in_input_grad(d_in: int, d_out: int) -> bool:
-    """Whether LoRALinear adds the adapter's input gradient inside the base's
-    (`input_grad_in_product`). On a GPU, for projections narrower out than in (llama's
-    k, v and down): as two products their input gradients are two [tokens, in] arrays
-    that XLA adds inside every consumer (a llama-1b LoRA profile: SwiGLU's two backward
-    fusions each read both halves of down_proj's), where the concatenated operand
-    copies only the narrower [tokens, out] gradient. Elsewhere, as
-    adapter_in_base_product."""
-    return d_out < d_in and jax.default_backend() == "gpu"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def input_grad_in_product(scale: float, x_TD, xd_TD, w_DO, a_RD, b_RO):
-    """x W + scale (xd A^T) B as two products; backward, with xd None (the adapter
-    sees x itself), dx = [g | dxa] @ [W | A^T]^T: one GEMM with K = O + r, the
-    adapter's term added in its accumulator (dxa = scale g B^T). With xd (x after
-    dropout) the two input gradients stay apart. dW is dropped by XLA when W is frozen."""
-    return _input_grad_in_product_fwd(scale, x_TD, xd_TD, w_DO, a_RD, b_RO)[0]
-
-
-def _input_grad_in_product_fwd(scale, x_TD, xd_TD, w_DO, a_RD, b_RO):
-    xa_TR = einsum("...d,rd->...r", x_TD if xd_TD is None else xd_TD, a_RD) * scale
-    y_TO = dot(x_TD, w_DO) + dot(xa_TR, b_RO)
-    return y_TO, (x_TD, xd_TD, w_DO, a_RD, b_RO, xa_TR)
-
-
-def _input_grad_in_product_bwd(scale, res, g_TO):
-    x_TD, xd_TD, w_DO, a_RD, b_RO, xa_TR = res
-    D = x_TD.shape[-1]
-    x_ND, g_NO = x_TD.reshape(-1, D), g_TO.reshape(-1, g_TO.shape[-1])
-    xa_NR = xa_TR.reshape(-1, xa_TR.shape[-1])
-    dxa_NR = (dot(g_NO, b_RO.T) * scale).astype(g_NO.dtype)
-    adapter_in_ND = x_ND if xd_TD is None else xd_TD.reshape(-1, D)
-    da_RD, db_RO = _ab_grads(dxa_NR, adapter_in_ND, xa_NR, g_NO, a_RD.dtype, b_RO.dtype)
-    acc = accumulation_dtype(x_ND, g_NO)
-    dw_DO = jax.lax.dot_general(x_ND, g_NO, OVER_TOKENS, preferred_element_type=acc)
-    if xd_TD is None:
-        g_NK = jnp.concatenate([g_NO, dxa_NR], axis=-1)
-        dx_ND, dxd_TD = dot(g_NK, jnp.concatenate([w_DO, a_RD.T], axis=-1).T), None
-    else:
-        dx_ND, dxd_TD = dot(g_NO, w_DO.T), dot(dxa_NR, a_RD).reshape(xd_TD.shape)
-    return dx_ND.reshape(x_TD.shape), dxd_TD, dw_DO.astype(w_DO.dtype), da_RD, db_RO
-
-
-input_grad_in_product.defvjp(_input_grad_in_product_fwd, _input_grad_in_product_bwd)
 
 
 def dropout(x, rate: float, rng):
