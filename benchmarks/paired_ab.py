@@ -187,18 +187,26 @@ def _adapter_in_product(rule):
 
 def _indexed_layers():
     """The layer loop (as `layer_loop`), taking layer i as x[i] (its transpose:
-    zero-padded arrays summed), not through lax.split (layers.layer_slices)."""
+    zero-padded arrays summed), not through lax.split (layer_stack.layer_slices)."""
     import jax
 
-    from ftlib.models import llama
+    from ftlib.models import layer_stack
 
     def indexed(tree, L):
         return [jax.tree.map(lambda x: x[i], tree) for i in range(L)]
 
     stack = contextlib.ExitStack()
     stack.enter_context(_config_override(scan_layers=False))
-    stack.enter_context(_patched(llama, "layer_slices", indexed))
+    stack.enter_context(_patched(layer_stack, "layer_slices", indexed))
     return stack
+
+
+def _first_layer_in_scan():
+    """Every layer in the scan's one body, its input gradient computed for layer 0 too
+    (before layer_stack ran the first layer apart where nothing below trains)."""
+    from ftlib.models import layer_stack
+
+    return _patched(layer_stack, "input_differentiated", lambda x, params: None)
 
 
 def _uninitialized_scan_stacks():
@@ -310,6 +318,7 @@ VARIANTS = {
     "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
     "uninitialized_scan_stacks": _uninitialized_scan_stacks,
+    "first_layer_in_scan": _first_layer_in_scan,
     "indexed_layers": _indexed_layers,
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,

@@ -156,7 +156,7 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     import numpy as np
 
     from ftlib.models.attention import resolve_impl
-    from ftlib.models.layers import scans_layers
+    from ftlib.models.layer_stack import scans_layers
 
     gpu = jax.default_backend() == "gpu"
     if gpu and dtype == "float32":

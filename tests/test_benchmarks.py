@@ -41,7 +41,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     import paired_ab
 
     from ftlib import linear_cross_entropy, optim, steps
-    from ftlib.models import attention, layers, llama, products
+    from ftlib.models import attention, layer_stack, layers, llama, products
     from ftlib.models.llama import Llama
     from ftlib.peft import lora
 
@@ -62,7 +62,8 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
 
     patched = {
         "uninitialized_scan_stacks": (loops, "_empty_array"),
-        "indexed_layers": (llama, "layer_slices"),
+        "indexed_layers": (layer_stack, "layer_slices"),
+        "first_layer_in_scan": (layer_stack, "input_differentiated"),
         "down_saves_h": (products, "swiglu_product_applies"),
         "separate_projections": (products, "shared_input_applies"),
         "frozen_bf16": (steps, "init_train_state"),

@@ -21,14 +21,13 @@ import numpy as np
 from flax import nnx
 
 from ftlib.errors import FtlibError
+from ftlib.models import layer_stack
 from ftlib.models.layers import (
     DEFAULT_INIT,
     Linear,
     accumulation_dtype,
     einsum,
-    layer_slices,
     param,
-    scans_layers,
     stacked,
 )
 from ftlib.models.llama import REMAT_POLICIES
@@ -309,12 +308,9 @@ class BertClassifier(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+        scan = layer_stack.scans_layers(self.cfg.scan_layers)
         xs = (state, keys, prefix_kv)
-        if scans_layers(self.cfg.scan_layers):
-            return jax.lax.scan(body, h, xs, unroll=self.cfg.scan_unroll)[0]
-        for layer in layer_slices(xs, L):
-            h = body(h, layer)[0]
-        return h
+        return layer_stack.run(body, h, xs, L, scan=scan, unroll=self.cfg.scan_unroll)[0]
 
     def pool(self, h_BTD, attention_mask_BT=None):
         """[B, D] sentence vectors: the tanh pooler on [CLS], or the mean over real tokens."""

@@ -33,18 +33,6 @@ def stacked(num_layers: int | None, shape, axes):
     return (num_layers, *shape), ("layers", *axes)
 
 
-def scans_layers(scan_layers: bool | None) -> bool:
-    """model.scan_layers -> whether the blocks run under `lax.scan` (True) or as a
-    Python loop over the stacked params (False). None picks by backend: a loop on GPU,
-    where XLA copies each layer's params and saved activations out of and into the
-    stacked buffers around a scan (llama-1b bf16 on an H200: loop steps take 0.87x
-    (full) and 0.82x (LoRA) the time, compiling in 11 s instead of 7); scan elsewhere,
-    where the loop gains little and compiles much longer (CPU: 3-6x at 16-32 layers)."""
-    if scan_layers is None:
-        return jax.default_backend() != "gpu"
-    return bool(scan_layers)
-
-
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias). kernel_[L]IO with logical axes (in_axis, out_axis)."""
 
@@ -84,16 +72,6 @@ class Linear(nnx.Module):
         if self.bias is not None:
             return None
         return products.MatmulProduct(), (self.kernel[...].astype(self.dtype),)
-
-
-def layer_slices(tree, L: int) -> list:
-    """The L per-layer trees of a tree of stacked [L, ...] arrays (None leaves stay None),
-    for the layer loop. lax.split, not x[i]: its transpose concatenates the layers'
-    gradients into the stacked one, where indexing's is one zero-padded [L, ...] array per
-    layer, summed (llama-tiny's loop step on the CPU: 144 pad fusions, none with split)."""
-    arrays, treedef = jax.tree.flatten(tree)
-    split = [jax.lax.split(x, (1,) * L) for x in arrays]
-    return [treedef.unflatten([parts[i][0] for parts in split]) for i in range(L)]
 
 
 def dot(a, b):

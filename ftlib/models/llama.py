@@ -15,15 +15,14 @@ import numpy as np
 from flax import nnx, struct
 
 from ftlib.errors import FtlibError
+from ftlib.models import layer_stack
 from ftlib.models.attention import IMPLS, attention, causal_attention
 from ftlib.models.layers import (
     Embed,
     Linear,
     RMSNorm,
     apply_rope,
-    layer_slices,
     rope_tables,
-    scans_layers,
     swiglu,
 )
 from ftlib.models.products import down_projection, project
@@ -50,7 +49,8 @@ class LlamaConfig:
     attention_bias: bool = False  # Qwen2-style q/k/v biases
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    # lax.scan over blocks; False: a Python loop, same params; None: by backend (scans_layers)
+    # lax.scan over blocks; False: a Python loop, same params; None: by backend
+    # (layer_stack.scans_layers)
     scan_layers: bool | None = None
     scan_unroll: int = 1  # layers per scan iteration (more: faster steps, longer compile)
     remat: str = "none"  # one of REMAT_POLICIES
@@ -325,13 +325,9 @@ class Llama(nnx.Module):
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy)
-        if scans_layers(self.cfg.scan_layers):
-            return jax.lax.scan(body, h, (state, keys, buffers), unroll=self.cfg.scan_unroll)
-        outs = []
-        for layer in layer_slices((state, keys, buffers), L):
-            h, out = body(h, layer)
-            outs.append(out)
-        return h, None if kv is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
+        scan = layer_stack.scans_layers(self.cfg.scan_layers)
+        xs = (state, keys, buffers)
+        return layer_stack.run(body, h, xs, L, scan=scan, unroll=self.cfg.scan_unroll)
 
     def output_projection(self):
         """-> (weight, vocab_major, dtype) when the LM head is one plain matmul, which
