@@ -203,14 +203,6 @@ def _indexed_layers():
     return stack
 
 
-def _first_layer_in_scan():
-    """Every layer in the scan's one body, its input gradient computed for layer 0 too
-    (before layer_stack ran the first layer apart where nothing below trains)."""
-    from ftlib.models import layer_stack
-
-    return _patched(layer_stack, "input_differentiated", lambda x, params: None)
-
-
 def _uninitialized_scan_stacks():
     """lax.scan's stacked outputs without the zero fill: uninitialized_stacks.py."""
     import uninitialized_stacks
@@ -320,7 +312,6 @@ VARIANTS = {
     "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
     "uninitialized_scan_stacks": _uninitialized_scan_stacks,
-    "first_layer_in_scan": _first_layer_in_scan,
     "indexed_layers": _indexed_layers,
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,

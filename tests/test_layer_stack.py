@@ -1,7 +1,6 @@
-"""ftlib.models.layer_stack: the scan with its first layer apart where autodiff needs no
-gradient of the stack's input, against the plain scan and the loop."""
+"""ftlib.models.layer_stack: the layer scan against the Python loop, values and
+gradients, alone and in a tiny Llama under PEFT."""
 
-import collections
 import dataclasses
 
 import jax
@@ -14,57 +13,31 @@ from ftlib.models import layer_stack
 from ftlib.models.llama import Llama, LlamaConfig
 
 
-def _body(h, w):
-    """A layer with a per-layer output, like Llama's stacked k/v."""
-    h = jnp.tanh(h @ w["kernel"]) + h
-    return h, h.sum(-1)
-
-
-def _stack(L=4, D=6):
+def test_scan_matches_the_loop_with_per_layer_outputs():
+    L, D = 4, 6
     keys = jax.random.split(jax.random.key(0), 2)
-    params = {"kernel": jax.random.normal(keys[0], (L, D, D)) / D}
-    return params, jax.random.normal(keys[1], (3, D))
+    params = {"kernel": jax.random.normal(keys[0], (L, D, D)) / D, "unused": None}
+    x = jax.random.normal(keys[1], (3, D))
 
-
-def test_input_differentiated_asks_autodiff_while_it_traces():
-    params, x = _stack()
-    seen = []
-
-    def loss(params, x):
-        seen.append(layer_stack.input_differentiated(x * 2, params))
-        return jnp.sum(x) + jnp.sum(params["kernel"])
-
-    jax.grad(loss)(params, x)  # params only: x is a constant to autodiff
-    jax.grad(loss, argnums=(0, 1))(params, x)
-    loss(params, x)  # no autodiff
-    jax.grad(lambda p, x: jax.checkpoint(loss)(p, x))(params, x)  # traced before autodiff
-    assert seen == [False, True, None, None]
-
-
-@pytest.mark.parametrize("wrt_input", [False, True])
-def test_scan_with_the_first_layer_apart_matches_the_loop(wrt_input):
-    params, x = _stack()
-    calls = collections.Counter()
+    def body(h, w):  # a per-layer output, like Llama's stacked k/v
+        h = jnp.tanh(h @ w["kernel"]) + h
+        return h, h.sum(-1)
 
     def loss(params, x, scan):
-        def body(h, w):
-            calls[scan] += 1  # traced bodies: the scan's once, the first layer apart once more
-            return _body(h, w)
-
-        h, ys = layer_stack.run(body, x, params, 4, scan=scan)
+        h, ys = layer_stack.run(body, x, params, L, scan=scan)
+        assert ys.shape == (L, 3)
         return jnp.sum(h**2) + jnp.sum(jnp.sin(ys))
 
-    argnums = (0, 1) if wrt_input else 0
-    want = jax.value_and_grad(loss, argnums=argnums)(params, x, False)
-    got = jax.value_and_grad(loss, argnums=argnums)(params, x, True)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    for a, b in zip(
+        jax.tree.leaves(grad(params, x, True)), jax.tree.leaves(grad(params, x, False))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert calls[True] == (1 if wrt_input else 2) and calls[False] == 4
 
 
 CFG = LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
-    num_kv_heads=2, head_dim=8, scan_layers=True,
+    num_kv_heads=2, head_dim=8,
 )  # fmt: skip
 
 
@@ -89,19 +62,9 @@ def _grads(method: str, scan: bool):
     return jax.grad(loss)(params)
 
 
-@pytest.mark.parametrize("method, input_grad", [("lora", False), ("prompt", True), ("full", True)])
-def test_llama_gradients_under_the_scan_match_the_loop(monkeypatch, method, input_grad):
-    """LoRA trains nothing below the blocks, so the scan runs layer 0 apart; the soft
-    prompt and full fine-tuning train the blocks' input, so one body runs them all.
-    Either way the trainable params' gradients equal the layer loop's."""
-    asked = []
-    ask = layer_stack.input_differentiated
-    monkeypatch.setattr(
-        layer_stack, "input_differentiated", lambda *a: asked.append(ask(*a)) or asked[-1]
-    )
-    got = _grads(method, scan=True)
-    assert asked == [input_grad]
-    want = _grads(method, scan=False)
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_llama_peft_gradients_under_the_scan_match_the_loop(method):
+    got, want = _grads(method, scan=True), _grads(method, scan=False)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

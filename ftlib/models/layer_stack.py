@@ -1,21 +1,11 @@
-"""A stack of layers over stacked [L, ...] params: `lax.scan`, a Python loop, or the
-scan with its first layer apart when autodiff needs no gradient of the stack's input.
-
-Why the first layer apart: a scan runs one body for every layer, so its backward
-computes every layer's input gradient, the first one's too. When nothing below the
-stack trains (LoRA, prefix tuning, adapters: the embeddings are frozen), that gradient
-is dead, but XLA cannot drop it from a loop body. Outside the scan it can: the first
-layer's q/k/v and gate/up input-gradient products and its attention norm's backward go
-(llama-small LoRA: ~2% of the step's FLOPs; llama-tiny ~4%). Paired against the whole
-scan on the CPU: llama-tiny LoRA 1.02-1.03 in CPU seconds, 0.99-1.01 in wall time;
-llama-small LoRA within the machine's noise (benchmarks/README.md).
+"""A stack of layers over stacked [L, ...] params: `lax.scan` or a Python loop, for
+every model with stacked layers (Llama, BERT).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
 
 def scans_layers(scan_layers: bool | None) -> bool:
@@ -40,46 +30,20 @@ def layer_slices(tree, L: int) -> list:
     return [treedef.unflatten([parts[i][0] for parts in split]) for i in range(L)]
 
 
-def input_differentiated(x, params) -> bool | None:
-    """Whether reverse-mode autodiff, tracing this call now, needs the gradient of x:
-    True or False where it differentiates some leaf of `params`, None where that is not
-    known here (no autodiff, or autodiff of an already traced function, as under
-    jax.checkpoint or inside a scan body). Asked through a custom JVP rule with symbolic
-    zeros, which JAX calls while it traces and which sees x's tangent as a symbolic zero
-    when x depends on nothing differentiated."""
-    seen = []
-
-    @jax.custom_jvp
-    def probe(x, params):
-        del params
-        return x
-
-    def rule(primals, tangents):
-        x_dot = tangents[0]
-        seen.append(not isinstance(x_dot, SymbolicZero))
-        return primals[0], x_dot if seen[-1] else jnp.zeros_like(primals[0])
-
-    probe.defjvp(rule, symbolic_zeros=True)
-    probe(x, params)
-    return seen[0] if seen else None
-
-
 def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1):
     """body(h, layer) -> (h, y) over the layers of xs (stacked [L, ...] leaves; None
-    leaves stay None) -> (h, ys stacked over layers). `scan`: lax.scan, with the first
-    layer run apart when autodiff needs no gradient of h (the module docstring); else a
-    Python loop over layer_slices."""
-    if not scan:
-        ys = []
-        for layer in layer_slices(xs, num_layers):
-            h, y = body(h, layer)
-            ys.append(y)
-        return h, jax.tree.map(lambda *y: jnp.stack(y), *ys)
-    if num_layers > 1 and input_differentiated(h, xs) is False:
-        # xs[1:] copies the frozen weights once a step (88 MB on llama-small). Indexing
-        # the whole arrays inside the body instead made the scan save each layer's slice
-        # as a residual: a stacked copy written and read back, twice the traffic.
-        h, y0 = body(h, jax.tree.map(lambda x: x[0], xs))
-        h, ys = jax.lax.scan(body, h, jax.tree.map(lambda x: x[1:], xs), unroll=unroll)
-        return h, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
-    return jax.lax.scan(body, h, xs, unroll=unroll)
+    leaves stay None) -> (h, ys stacked over layers): lax.scan, or a Python loop over
+    layer_slices.
+
+    The scan's one body also computes layer 0's input gradient, dead code where nothing
+    below the layers trains (LoRA and most PEFT methods). Running layer 0 apart lets XLA
+    drop it, but scanning the rest then needs xs[1:], a copy of the frozen weights every
+    step: 157 ms on the default run's SmolLM2 (411 MB), against ~8 ms of products saved
+    (benchmarks/README.md). Not done."""
+    if scan:
+        return jax.lax.scan(body, h, xs, unroll=unroll)
+    ys = []
+    for layer in layer_slices(xs, num_layers):
+        h, y = body(h, layer)
+        ys.append(y)
+    return h, jax.tree.map(lambda *y: jnp.stack(y), *ys)
