@@ -1,6 +1,6 @@
 """cuDNN's fused attention at llama-1b's shape (B 8, T 2048, 32 query heads, 4 KV
-heads, head 64, bf16), four ways, on a GPU: the library's call (GQA, causal + sequence
-lengths), causal alone, and both with K/V repeated to 32 heads (MHA); jitted forward
+heads, head 64, bf16), four ways, on a GPU: the library's call on unpacked rows (GQA,
+causal + sequence lengths: the unpacked branch of `attention._cudnn`), causal alone, and both with K/V repeated to 32 heads (MHA); jitted forward
 alone and value-and-grad, medians of 30 synchronised calls, and each output's relative
 L2 error against XLA's attention on the same inputs. Writes JSON.
 
@@ -70,10 +70,11 @@ def main():
     want = _value_and_grads(xla, g)(q, k, v)
     records = {}
     for name, fn in variants.items():
-        got = _value_and_grads(fn, g)(q, k, v)
+        value_and_grads = _value_and_grads(fn, g)
+        got = value_and_grads(q, k, v)
         f32 = lambda x: x.astype(jnp.float32)
         records[name] = {
-            "fwd_bwd_ms": _median_s(_value_and_grads(fn, g), (q, k, v)) * 1e3,
+            "fwd_bwd_ms": _median_s(value_and_grads, (q, k, v)) * 1e3,
             "fwd_ms": _median_s(jax.jit(fn), (q, k, v)) * 1e3,
             "rel_err_out_dq_dk_dv": [
                 float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))

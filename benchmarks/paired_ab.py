@@ -14,7 +14,8 @@ the step is built (tracing happens inside them), or XLA options for its compile
 (COMPILER_OPTIONS); add one to test an idea. A variant that fails to build is
 reported and left out. `--clock=cpu` times each step in this process's CPU seconds
 instead: the work a change removes, which other tenants' load moves far less than the
-wall clock (it is not the step time: idle and spinning threads count differently).
+wall clock (it is not the step time: idle and spinning threads count differently; on a
+GPU it is host time only).
 """
 
 import argparse

@@ -21,8 +21,8 @@ CFG = dataclasses.replace(tiny_llama.CFG, rope_theta=500.0)
 PROMPTS = [[5, 9, 13, 2, 7, 7, 30], [11, 3], [40, 41, 42, 43, 1]]
 
 
-def model_with(method):
-    model = Llama(CFG, rngs=nnx.Rngs(0))
+def model_with(method, cfg=CFG):
+    model = Llama(cfg, rngs=nnx.Rngs(0))
     # Weights of std 0.2, not 0.02: a near-zero random model just repeats its input.
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if var.ndim > 1:
@@ -51,6 +51,13 @@ def test_cached_greedy_equals_full_recomputation(method):
     if method == "base":  # padding and batch-mates change nothing
         assert [gen.generate(model, [p], **kw)[0] for p in PROMPTS] == cached
         assert cached != gen.generate(model_with("prompt"), PROMPTS, **kw)
+
+
+def test_cached_decoding_with_the_layer_loop_equals_the_scan():
+    """The layer loop (a GPU's default) stacks each layer's KV cache as the scan does."""
+    kw = dict(max_new_tokens=6, bucket=8)
+    loop = model_with("lora", dataclasses.replace(CFG, scan_layers=False))
+    assert gen.generate(loop, PROMPTS, **kw) == gen.generate(model_with("lora"), PROMPTS, **kw)
 
 
 def test_seeded_sampling_and_stop_tokens():

@@ -38,7 +38,8 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1):
     The scan's one body also computes layer 0's input gradient, dead code where nothing
     below the layers trains (LoRA and most PEFT methods). Running layer 0 apart lets XLA
     drop it, but scanning the rest then needs xs[1:], a copy of the frozen weights every
-    step: 157 ms on the default run's SmolLM2 (411 MB), against ~8 ms of products saved
+    step: 157 ms for the 411 MB that xs[1:] copies of the default run's SmolLM2, against
+    ~8 ms of products saved
     (benchmarks/README.md). Not done."""
     if scan:
         return jax.lax.scan(body, h, xs, unroll=unroll)
@@ -46,4 +47,4 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1):
     for layer in layer_slices(xs, num_layers):
         h, y = body(h, layer)
         ys.append(y)
-    return h, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+    return h, jax.tree.map(lambda *y: jnp.stack(y), *ys) if ys else None
