@@ -1,5 +1,6 @@
 """ftlib.models.layer_stack: the layer scan against the Python loop, values and
-gradients, alone and in a tiny Llama under PEFT."""
+gradients, alone and in a tiny Llama under PEFT, with layer 0's input gradient skipped
+where nothing below the layers trains."""
 
 import dataclasses
 
@@ -13,26 +14,47 @@ from ftlib.models import layer_stack
 from ftlib.models.llama import Llama, LlamaConfig
 
 
-def test_scan_matches_the_loop_with_per_layer_outputs():
+def test_input_differentiated_asks_autodiff_while_it_traces():
+    kernel, x = jnp.ones((4, 6, 6)), jnp.ones((3, 6))
+    seen = []
+
+    def loss(kernel, x):
+        seen.append(layer_stack.input_differentiated(x * 2, {"kernel": kernel}))
+        return jnp.sum(x) + jnp.sum(kernel)
+
+    jax.grad(loss)(kernel, x)  # the kernel only: x is a constant to autodiff
+    jax.grad(loss, argnums=(0, 1))(kernel, x)
+    loss(kernel, x)  # no autodiff
+    jax.grad(lambda k, x: jax.checkpoint(loss)(k, x))(kernel, x)  # traced before autodiff
+    assert seen == [False, True, None, None]
+
+
+@pytest.mark.parametrize("wrt_input", [False, True])
+def test_scan_matches_the_loop_with_per_layer_outputs(wrt_input):
+    """Values and gradients, with a frozen leaf; without the input's gradient the scan's
+    backward skips it for layer 0 (a cond in the compiled step)."""
     L, D = 4, 6
-    keys = jax.random.split(jax.random.key(0), 2)
+    keys = jax.random.split(jax.random.key(0), 3)
+    frozen = jax.random.normal(keys[2], (L, D, D)) / D
     params = {"kernel": jax.random.normal(keys[0], (L, D, D)) / D, "unused": None}
     x = jax.random.normal(keys[1], (3, D))
 
     def body(h, w):  # a per-layer output, like Llama's stacked k/v
-        h = jnp.tanh(h @ w["kernel"]) + h
+        h = jnp.tanh(h @ w["kernel"] + h @ w["frozen"]) + h
         return h, h.sum(-1)
 
     def loss(params, x, scan):
-        h, ys = layer_stack.run(body, x, params, L, scan=scan)
+        h, ys = layer_stack.run(body, x, dict(params, frozen=frozen), L, scan=scan)
         assert ys.shape == (L, 3)
         return jnp.sum(h**2) + jnp.sum(jnp.sin(ys))
 
-    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    grad = jax.value_and_grad(loss, argnums=(0, 1) if wrt_input else 0)
     for a, b in zip(
         jax.tree.leaves(grad(params, x, True)), jax.tree.leaves(grad(params, x, False))
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    hlo = jax.jit(grad, static_argnums=2).lower(params, x, True).as_text()
+    assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == (not wrt_input)
 
 
 CFG = LlamaConfig(
@@ -62,9 +84,19 @@ def _grads(method: str, scan: bool):
     return jax.grad(loss)(params)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_llama_peft_gradients_under_the_scan_match_the_loop(method):
-    got, want = _grads(method, scan=True), _grads(method, scan=False)
+@pytest.mark.parametrize("method, input_grad", [("lora", False), ("prompt", True), ("full", True)])
+def test_llama_gradients_under_the_scan_match_the_loop(monkeypatch, method, input_grad):
+    """LoRA trains nothing below the layers: the scan's backward skips layer 0's input
+    gradient. The soft prompt and full fine-tuning train the layers' input: it stays.
+    Either way the trainable params' gradients equal the layer loop's."""
+    asked = []
+    ask = layer_stack.input_differentiated
+    monkeypatch.setattr(
+        layer_stack, "input_differentiated", lambda *a: asked.append(ask(*a)) or asked[-1]
+    )
+    got = _grads(method, scan=True)
+    assert asked == [input_grad]
+    want = _grads(method, scan=False)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

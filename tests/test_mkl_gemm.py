@@ -394,7 +394,7 @@ def test_llama_layers_share_and_recompute_saved_inputs(monkeypatch, method, scan
     """Where the projections are plain Linears (full fine-tuning, prefix tuning) or LoRA
     without dropout, q, k, v and gate, up run as products sharing their input, and the
     compiled train step recomputes h in SwiGLU's backward kernel (once in the scan's
-    body, once per layer in the loop); with the base frozen (prefix, LoRA) it drops
+    body, in each branch of its backward; once per layer in the loop); with the base frozen (prefix, LoRA) it drops
     down_proj's weight gradient. LoRA with dropout keeps each module's own call. (Losses against XLA's ops:
     test_tiny_training_run_logs_the_same_losses_with_either_products.)"""
     import dataclasses
@@ -422,7 +422,10 @@ def test_llama_layers_share_and_recompute_saved_inputs(monkeypatch, method, scan
     # q, k, v and gate, up: each group one custom VJP saving its input once.
     jaxpr = str(jax.make_jaxpr(lambda b: steps._hidden(model, b, jax.random.key(0)))(batch))
     assert jaxpr.count("name=shared_input_products") == 2 * calls
-    assert hlo.count('"ftlib_swiglu_backward_h"') == calls
+    # Where nothing below the layers trains (prefix, LoRA), the scan's backward has two
+    # branches, layer 0's without its input gradient (ftlib.models.layer_stack).
+    branches = 2 if scan_layers and method != "full" else 1
+    assert hlo.count('"ftlib_swiglu_backward_h"') == calls * branches
     assert ('"ftlib_swiglu_backward"' in hlo) == (method == "lora_dropout")
     down_dw = f"f32[{cfg.intermediate_size},{cfg.hidden_size}]{{1,0}} custom-call"  # h^T g
     assert (down_dw in hlo) == (method == "full")

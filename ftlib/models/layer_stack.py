@@ -4,8 +4,11 @@ every model with stacked layers (Llama, BERT).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 
 def scans_layers(scan_layers: bool | None) -> bool:
@@ -36,15 +39,85 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1):
     layer_slices.
 
     The scan's one body also computes layer 0's input gradient, dead code where nothing
-    below the layers trains (LoRA and most PEFT methods). Running layer 0 apart lets XLA
-    drop it, but scanning the rest then needs xs[1:], a copy of the frozen weights every
-    step: 157 ms for the 411 MB that xs[1:] copies of the default run's SmolLM2, against
-    ~8 ms of products saved
-    (benchmarks/README.md). Not done."""
+    below the layers trains (LoRA and most PEFT methods: the embeddings are frozen).
+    There, each layer's backward runs under a `lax.cond` on "is this layer 0", whose
+    layer-0 branch leaves out the input gradient, so XLA drops its products there
+    (`_input_grad_skipped_at_first`). (Running layer 0 outside the scan instead needs
+    xs[1:], a copy of every frozen weight each step: 157 ms for the 411 MB of the default
+    run's SmolLM2, against ~8 ms saved; benchmarks/README.md.)"""
     if scan:
+        if num_layers > 1 and input_differentiated(h, xs) is False:
+            first = jnp.arange(num_layers) == 0
+            step = lambda h, layer: _input_grad_skipped_at_first(body, h, *layer)  # noqa: E731
+            return jax.lax.scan(step, h, (xs, first), unroll=unroll)
         return jax.lax.scan(body, h, xs, unroll=unroll)
     ys = []
     for layer in layer_slices(xs, num_layers):
         h, y = body(h, layer)
         ys.append(y)
     return h, jax.tree.map(lambda *y: jnp.stack(y), *ys) if ys else None
+
+
+def input_differentiated(x, params) -> bool | None:
+    """Whether reverse-mode autodiff, tracing this call now, needs the gradient of x:
+    True or False where it differentiates some leaf of `params`; None where that is not
+    known here (no autodiff, or autodiff of an already traced function, as under
+    jax.checkpoint of the whole model). Asked through a custom JVP rule with symbolic
+    zeros: JAX calls it while it traces, with a symbolic zero for x's tangent when x
+    depends on nothing differentiated."""
+    seen = []
+
+    @jax.custom_jvp
+    def probe(x, params):
+        del params
+        return x
+
+    def rule(primals, tangents):
+        seen.append(not isinstance(tangents[0], SymbolicZero))
+        return primals[0], tangents[0] if seen[-1] else jnp.zeros_like(primals[0])
+
+    probe.defjvp(rule, symbolic_zeros=True)
+    probe(x, params)
+    return seen[0] if seen else None
+
+
+def _is_primal(p) -> bool:
+    return isinstance(p, CustomVJPPrimal)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _input_grad_skipped_at_first(body, h, layer, first):
+    """body(h, layer), whose backward computes no gradient of h where `first`."""
+    return body(h, layer)
+
+
+def _skipping_fwd(body, h, layer, first):
+    # With symbolic zeros every input is a CustomVJPPrimal: the pullback is taken w.r.t.
+    # the differentiated leaves only, so frozen weights get no gradient products.
+    leaves, treedef = jax.tree.flatten(layer, is_leaf=_is_primal)
+    values = [p.value for p in leaves]
+    trained = [p.perturbed for p in leaves]
+
+    def layer_of(h, trained_values):
+        it = iter(trained_values)
+        return body(h, treedef.unflatten([next(it) if t else v for v, t in zip(values, trained)]))
+
+    out, pullback = jax.vjp(layer_of, h.value, [v for v, t in zip(values, trained) if t])
+    # The layer's structure with an empty array where a leaf trains, None where not.
+    ct_layout = treedef.unflatten([jnp.zeros((0,)) if t else None for t in trained])
+    return out, (pullback, first.value, jnp.zeros_like(h.value), ct_layout)
+
+
+def _skipping_bwd(body, res, g):
+    del body
+    pullback, first, zero_h, ct_layout = res
+    g = jax.tree.map(lambda c: None if isinstance(c, SymbolicZero) else c, g,
+                     is_leaf=lambda c: isinstance(c, SymbolicZero))  # fmt: skip
+    dh, dtrained = jax.lax.cond(first, lambda g: (zero_h, pullback(g)[1]), pullback, g)
+    it = iter(dtrained)
+    dlayer = jax.tree.map(lambda t: None if t is None else next(it), ct_layout,
+                          is_leaf=lambda t: t is None)  # fmt: skip
+    return dh, dlayer, None
+
+
+_input_grad_skipped_at_first.defvjp(_skipping_fwd, _skipping_bwd, symbolic_zeros=True)
