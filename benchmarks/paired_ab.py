@@ -204,6 +204,14 @@ def _indexed_layers():
     return stack
 
 
+def _first_layer_input_grad():
+    """The layer scan's backward computes layer 0's input gradient too, as before
+    layer_stack skipped it where nothing below the layers trains."""
+    from ftlib.models import layer_stack
+
+    return _patched(layer_stack, "input_differentiated", lambda x, params: None)
+
+
 def _uninitialized_scan_stacks():
     """lax.scan's stacked outputs without the zero fill: uninitialized_stacks.py."""
     import uninitialized_stacks
@@ -313,6 +321,7 @@ VARIANTS = {
     "recompute_probs": _recompute_probs,
     "argmax_accuracy": _argmax_accuracy,
     "uninitialized_scan_stacks": _uninitialized_scan_stacks,
+    "first_layer_input_grad": _first_layer_input_grad,
     "indexed_layers": _indexed_layers,
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,

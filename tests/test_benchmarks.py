@@ -63,6 +63,7 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
     patched = {
         "uninitialized_scan_stacks": (loops, "_empty_array"),
         "indexed_layers": (layer_stack, "layer_slices"),
+        "first_layer_input_grad": (layer_stack, "input_differentiated"),
         "down_saves_h": (products, "swiglu_product_applies"),
         "separate_projections": (products, "shared_input_applies"),
         "frozen_bf16": (steps, "init_train_state"),

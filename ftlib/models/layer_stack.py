@@ -111,8 +111,9 @@ def _skipping_fwd(body, h, layer, first):
 def _skipping_bwd(body, res, g):
     del body
     pullback, first, zero_h, ct_layout = res
-    g = jax.tree.map(lambda c: None if isinstance(c, SymbolicZero) else c, g,
-                     is_leaf=lambda c: isinstance(c, SymbolicZero))  # fmt: skip
+    # An output nothing reads (the per-layer outputs in training) comes as a symbolic zero.
+    g = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c,
+                     g, is_leaf=lambda c: isinstance(c, SymbolicZero))  # fmt: skip
     dh, dtrained = jax.lax.cond(first, lambda g: (zero_h, pullback(g)[1]), pullback, g)
     it = iter(dtrained)
     dlayer = jax.tree.map(lambda t: None if t is None else next(it), ct_layout,
