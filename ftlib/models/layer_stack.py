@@ -107,16 +107,19 @@ def _skipping_fwd(body, h, layer, first):
     out, pullback = jax.vjp(layer_of, h.value, [v for v, t in zip(values, trained) if t])
     # The layer's structure with an empty array where a leaf trains, None where not.
     ct_layout = treedef.unflatten([jnp.zeros((0,)) if t else None for t in trained])
-    return out, (pullback, first.value, jnp.zeros_like(h.value), ct_layout)
+    return out, (pullback, first.value, ct_layout)
 
 
 def _skipping_bwd(body, res, g):
     del body
-    pullback, first, zero_h, ct_layout = res
+    pullback, first, ct_layout = res
     # An output nothing reads (the per-layer outputs in training) comes as a symbolic zero.
     g = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c,
                      g, is_leaf=lambda c: isinstance(c, SymbolicZero))  # fmt: skip
-    dh, dtrained = jax.lax.cond(first, lambda g: (zero_h, pullback(g)[1]), pullback, g)
+    # h's gradient has the shape of the layer's output h (a residual stream), so layer
+    # 0's branch builds its zeros from that, not from a saved residual.
+    skip = lambda g: (jnp.zeros_like(g[0]), pullback(g)[1])  # noqa: E731
+    dh, dtrained = jax.lax.cond(first, skip, pullback, g)
     it = iter(dtrained)
     dlayer = jax.tree.map(lambda t: None if t is None else next(it), ct_layout,
                           is_leaf=lambda t: t is None)  # fmt: skip
