@@ -45,8 +45,8 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1):
     layer-0 branch leaves out the input gradient, so XLA drops its products there
     (`_input_grad_skipped_at_first`). (Running layer 0 outside the scan instead needs
     xs[1:], a copy of every frozen weight each step: 157 ms for the 411 MB of the default
-    run's SmolLM2, against ~8 ms saved.) Paired llama-small LoRA steps on the CPU: 1.041
-    and 1.022 for the old path; llama-tiny's neutral (benchmarks/README.md)."""
+    run's SmolLM2, against ~8 ms saved.) Paired llama-small LoRA steps on the CPU: 1.022
+    to 1.048 for the old path; llama-tiny's neutral (benchmarks/README.md)."""
     if scan:
         if num_layers > 1 and input_differentiated(h, xs) is False:
             first = jnp.arange(num_layers) == 0
