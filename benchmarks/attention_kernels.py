@@ -40,7 +40,9 @@ def _inputs(B, T, N, K, H, seg_BT, seed):
     return (q, k, v), g, mask
 
 
-def _value_and_grads(fn, qkv, g):
+def value_and_grads(fn, g):
+    """jit of (q, k, v) -> (fn's output, dq, dk, dv) for the output cotangent g."""
+
     def f(q, k, v):
         out, pullback = jax.vjp(fn, q, k, v)
         return (out, *pullback(g))
@@ -61,11 +63,11 @@ def check(impl: str, packed: bool) -> dict:
     qkv, g, mask = _inputs(B, T, N, K, H, seg, seed=0)
     real = (seg != 0)[:, :, None, None]
     g = g * real
-    got = _value_and_grads(
-        lambda *a: causal_attention(*a, mask, segment_ids_BT=seg, impl=impl), qkv, g
-    )(*qkv)
+    got = value_and_grads(lambda *a: causal_attention(*a, mask, segment_ids_BT=seg, impl=impl), g)(
+        *qkv
+    )
     f32 = [x.astype(jnp.float32) for x in (*qkv, g)]
-    want = _value_and_grads(lambda *a: attention(*a, mask), f32[:3], f32[3])(*f32[:3])
+    want = value_and_grads(lambda *a: attention(*a, mask), f32[3])(*f32[:3])
     got, want = (real * got[0], *got[1:]), (real * want[0], *want[1:])
     return {
         name: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
@@ -76,14 +78,17 @@ def check(impl: str, packed: bool) -> dict:
 def time_kernel(impl: str, packed: bool, B=8, T=2048, N=32, K=4, H=64, reps=20) -> float:
     seg = jnp.ones((B, T), jnp.int32).at[:, T // 3 :].add(int(packed))
     qkv, g, mask = _inputs(B, T, N, K, H, seg, seed=1)
-    f = _value_and_grads(
-        lambda *a: causal_attention(*a, mask, segment_ids_BT=seg, impl=impl), qkv, g
-    )
-    jax.block_until_ready(f(*qkv))
+    f = value_and_grads(lambda *a: causal_attention(*a, mask, segment_ids_BT=seg, impl=impl), g)
+    return median_s(f, qkv, reps)
+
+
+def median_s(f, args, reps: int) -> float:
+    """Median seconds of `reps` synchronised calls f(*args), after one to compile."""
+    jax.block_until_ready(f(*args))
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(f(*qkv))
+        jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 

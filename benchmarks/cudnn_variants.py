@@ -10,11 +10,10 @@ L2 error against XLA's attention on the same inputs. Writes JSON.
 import argparse
 import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from attention_kernels import median_s, value_and_grads
 
 B, T, N, K, H = 8, 2048, 32, 4, 64
 
@@ -29,24 +28,6 @@ def _cudnn(q, k, v, lengths=None):
 def _mha(fn):
     """fn with K/V repeated per query head (their gradients summed back by autodiff)."""
     return lambda q, k, v: fn(q, jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2))
-
-
-def _value_and_grads(fn, g):
-    def f(q, k, v):
-        out, pullback = jax.vjp(fn, q, k, v)
-        return (out, *pullback(g))
-
-    return jax.jit(f)
-
-
-def _median_s(f, args, reps=30) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():
@@ -67,15 +48,15 @@ def main():
     xla = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="xla"
     )
-    want = _value_and_grads(xla, g)(q, k, v)
+    want = value_and_grads(xla, g)(q, k, v)
     records = {}
     for name, fn in variants.items():
-        value_and_grads = _value_and_grads(fn, g)
-        got = value_and_grads(q, k, v)
+        fwd_bwd = value_and_grads(fn, g)
+        got = fwd_bwd(q, k, v)
         f32 = lambda x: x.astype(jnp.float32)
         records[name] = {
-            "fwd_bwd_ms": _median_s(value_and_grads, (q, k, v)) * 1e3,
-            "fwd_ms": _median_s(jax.jit(fn), (q, k, v)) * 1e3,
+            "fwd_bwd_ms": median_s(fwd_bwd, (q, k, v), 30) * 1e3,
+            "fwd_ms": median_s(jax.jit(fn), (q, k, v), 30) * 1e3,
             "rel_err_out_dq_dk_dv": [
                 float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))
                 for a, b in zip(got, want)
