@@ -63,13 +63,13 @@ CFG = LlamaConfig(
 )  # fmt: skip
 
 
-def _grads(method: str, scan: bool):
+def _grads(method: str, scan: bool, remat: str = "none"):
     """Gradients of the trainable params of a tiny Llama under `method`, split by its
     mask as the train step does."""
     from configs import default
     from ftlib import peft
 
-    model = Llama(dataclasses.replace(CFG, scan_layers=scan), rngs=nnx.Rngs(0))
+    model = Llama(dataclasses.replace(CFG, scan_layers=scan, remat=remat), rngs=nnx.Rngs(0))
     c = default.get_config().peft
     c.method = method
     c.lora.update(dict(rank=4, alpha=8.0))
@@ -84,8 +84,16 @@ def _grads(method: str, scan: bool):
     return jax.grad(loss)(params)
 
 
-@pytest.mark.parametrize("method, input_grad", [("lora", False), ("prompt", True), ("full", True)])
-def test_llama_gradients_under_the_scan_match_the_loop(monkeypatch, method, input_grad):
+@pytest.mark.parametrize(
+    "method, input_grad, remat",
+    [
+        ("lora", False, "none"),
+        ("lora", False, "full"),
+        ("prompt", True, "none"),
+        ("full", True, "none"),
+    ],
+)
+def test_llama_gradients_under_the_scan_match_the_loop(monkeypatch, method, input_grad, remat):
     """LoRA trains nothing below the layers: the scan's backward skips layer 0's input
     gradient. The soft prompt and full fine-tuning train the layers' input: it stays.
     Either way the trainable params' gradients equal the layer loop's."""
@@ -94,9 +102,9 @@ def test_llama_gradients_under_the_scan_match_the_loop(monkeypatch, method, inpu
     monkeypatch.setattr(
         layer_stack, "input_differentiated", lambda *a: asked.append(ask(*a)) or asked[-1]
     )
-    got = _grads(method, scan=True)
+    got = _grads(method, scan=True, remat=remat)
     assert asked == [input_grad]
-    want = _grads(method, scan=False)
+    want = _grads(method, scan=False, remat=remat)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
