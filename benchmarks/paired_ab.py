@@ -212,6 +212,18 @@ def _first_layer_input_grad():
     return _patched(layer_stack, "input_differentiated", lambda x, params: None)
 
 
+def _rope_xla(scan_layers=None):
+    """RoPE in XLA's ops, as before rope_kernel: XLA fuses the tables' cos and sin into
+    each consumer (with scan_layers=False: in the layer loop, per head and layer)."""
+    from ftlib.models import layers, llama
+
+    stack = contextlib.ExitStack()
+    if scan_layers is not None:
+        stack.enter_context(_config_override(scan_layers=scan_layers))
+    stack.enter_context(_patched(llama, "apply_rope", layers._rope_xla))
+    return stack
+
+
 def _uninitialized_scan_stacks():
     """lax.scan's stacked outputs without the zero fill: uninitialized_stacks.py."""
     import uninitialized_stacks
@@ -322,6 +334,8 @@ VARIANTS = {
     "argmax_accuracy": _argmax_accuracy,
     "uninitialized_scan_stacks": _uninitialized_scan_stacks,
     "first_layer_input_grad": _first_layer_input_grad,
+    "rope_xla": _rope_xla,
+    "layer_loop_rope_xla": lambda: _rope_xla(scan_layers=False),
     "indexed_layers": _indexed_layers,
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,

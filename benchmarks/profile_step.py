@@ -17,6 +17,7 @@ with --trace_out the raw trace (.xplane.pb) is copied there.
 
 import argparse
 import collections
+import contextlib
 import gzip
 import json
 import pathlib
@@ -146,15 +147,20 @@ def main():
     parser.add_argument("--out", default="")
     parser.add_argument("--trace_out", default="", help="folder for the raw .xplane.pb")
     parser.add_argument("--hlo_out", default="", help="file for the optimized HLO (.gz: gzip)")
+    parser.add_argument(
+        "--variant", default="ftlib", help="a paired_ab.py variant to profile instead of ftlib"
+    )
     args = parser.parse_args()
 
     import jax
+    import paired_ab
 
-    cfg = step_time.llama_config(args.workload, args.dtype, args.attention)
-    step, state, frozen, _ = step_time.train_setup(cfg, args.mode, 10)
-    [b] = step_time.batches(args.workload, 1)
-    # Run this executable, not another compile by jit: the table's op names are its own.
-    step = step.lower(state, frozen, b).compile()
+    with paired_ab.VARIANTS.get(args.variant, contextlib.nullcontext)():
+        cfg = step_time.llama_config(args.workload, args.dtype, args.attention)
+        step, state, frozen, _ = step_time.train_setup(cfg, args.mode, 10)
+        [b] = step_time.batches(args.workload, 1)
+        # Run this executable, not another compile by jit: the table's op names are its own.
+        step = step.lower(state, frozen, b).compile(paired_ab.COMPILER_OPTIONS.get(args.variant))
     hlo = step.as_text()
     table = op_table(hlo)
     if args.hlo_out:
@@ -177,7 +183,7 @@ def main():
             shutil.copy(path, pathlib.Path(args.trace_out) / path.name)
 
     summary = summarize(trace_dir, table, TRACED_STEPS)
-    title = f"{args.workload} {args.mode} {args.dtype}: op time per step (ms)"
+    title = f"{args.workload} {args.mode} {args.dtype} ({args.variant}): op time per step (ms)"
     print(f"{title}, {TRACED_STEPS} steps traced")
     for where in ("gpu", "cpu"):
         if f"{where}_busy_ms_per_step" in summary:

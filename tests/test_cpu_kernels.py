@@ -1,13 +1,21 @@
 """ftlib's C++ kernels beside the products against numpy, autodiff and XLA's ops:
 softmax_xent.cc (the LM head's per-row softmax cross-entropy), swiglu_backward.cc,
-rms_norm_kernel.cc, masked_softmax.cc and attention_kernel.cc (the causal attention)."""
+rms_norm_kernel.cc, rope_kernel.cc, masked_softmax.cc and attention_kernel.cc (the causal
+attention)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftlib import attention_kernel, masked_softmax, rms_norm_kernel, softmax_xent, swiglu_backward
+from ftlib import (
+    attention_kernel,
+    masked_softmax,
+    rms_norm_kernel,
+    rope_kernel,
+    softmax_xent,
+    swiglu_backward,
+)
 from ftlib.models import attention, layers
 
 pytestmark = pytest.mark.skipif(
@@ -113,6 +121,61 @@ def test_rms_norm_kernels_match_xla(monkeypatch):
     want = jax.jit(lambda: value_and_vjp())()
     for name, g, w in zip(("y", "dx", "dscale"), got, want):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("tables_differentiated", [False, True])
+def test_rope_kernel_matches_xla(monkeypatch, tables_differentiated):
+    """rope_kernel.cc forward and transpose against layers.apply_rope in XLA's ops, with
+    tables that are not cos/sin of one angle (each half its own), a row count that is not
+    whole units; the tables' gradients (never needed from integer positions) through XLA."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 37, 5, 8)), jnp.float32)
+    cos = jnp.asarray(rng.standard_normal((3, 37, 8)), jnp.float32)
+    sin = jnp.asarray(rng.standard_normal((3, 37, 8)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    if not rope_kernel.applies(x, cos, sin):
+        pytest.skip(f"the RoPE kernel is unavailable here: {rope_kernel.KERNEL.load()}")
+
+    def value_and_vjp():
+        if tables_differentiated:
+            y, vjp = jax.vjp(layers.apply_rope, x, cos, sin)
+        else:
+            y, vjp = jax.vjp(lambda x: layers.apply_rope(x, cos, sin), x)
+        return (y, *vjp(dy))
+
+    kernel_step = jax.jit(lambda: value_and_vjp())  # a fresh trace per path
+    assert kernel_step.lower().as_text().count("ftlib_rope") == 2  # forward and transpose
+    got = kernel_step()
+    monkeypatch.setenv("FTLIB_CPU_GEMM", "xla")
+    want = jax.jit(lambda: value_and_vjp())()
+    assert len(got) == len(want) == (4 if tables_differentiated else 2)
+    for name, g, w in zip(("y", "dx", "dcos", "dsin"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_the_layer_loop_computes_rope_tables_once():
+    """XLA fuses cos and sin into each consumer of RoPE's tables; as the kernel's operands
+    they are computed once, not per layer, head and direction (the layer loop of a LoRA
+    train step, where nothing else stops the fusion)."""
+    import dataclasses
+
+    from flax import nnx
+    from tiny_llama import CFG
+
+    from configs import default
+    from ftlib import peft
+    from ftlib.models.llama import Llama
+
+    model = Llama(dataclasses.replace(CFG, num_layers=3, scan_layers=False), rngs=nnx.Rngs(0))
+    c = default.get_config().peft
+    c.method = "lora"
+    mask = peft.apply_method(model, c)
+    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
+    ids = jnp.zeros((2, 8), jnp.int32)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p, frozen)(ids) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert hlo.count("ftlib_rope") == 3 * 2 * 2  # layers x (q, k) x (forward, transpose)
+    assert hlo.count(" cosine(") == hlo.count(" sine(") == 1
 
 
 def test_masked_softmax_matches_jax():

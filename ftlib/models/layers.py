@@ -13,8 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
-from ftlib import mkl_gemm, rms_norm_kernel, swiglu_backward
+from ftlib import mkl_gemm, rms_norm_kernel, rope_kernel, swiglu_backward
 from ftlib.models import products
 
 DEFAULT_INIT = nnx.initializers.normal(0.02)
@@ -246,7 +247,41 @@ def rope_tables(positions_BT, head_dim: int, theta: float):
 
 
 def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+    """x rotated by RoPE's tables: one C++ pass where ftlib's CPU kernels run
+    (rope_kernel), XLA's ops elsewhere."""
+    if rope_kernel.applies(x_BTNH, cos_BTH, sin_BTH):
+        return _rope_in_kernel(x_BTNH, cos_BTH, sin_BTH)
+    return _rope_xla(x_BTNH, cos_BTH, sin_BTH)
+
+
+def _rope_xla(x_BTNH, cos_BTH, sin_BTH):
     half = x_BTNH.shape[-1] // 2
     rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
     cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
     return (x_BTNH * cos + rotated * sin).astype(x_BTNH.dtype)
+
+
+@jax.custom_vjp
+def _rope_in_kernel(x_BTNH, cos_BTH, sin_BTH):
+    return rope_kernel.rotate(x_BTNH, cos_BTH, sin_BTH, inverse=False)
+
+
+def _rope_in_kernel_fwd(x, cos, sin):
+    # Symbolic zeros say whether the tables are differentiated (never from integer
+    # positions): only then is x saved, for their gradients through XLA's ops.
+    y = rope_kernel.rotate(x.value, cos.value, sin.value, inverse=False)
+    tables_pullback = None
+    if cos.perturbed or sin.perturbed:
+        tables_pullback = jax.vjp(lambda c, s: _rope_xla(x.value, c, s), cos.value, sin.value)[1]
+    return y, (cos.value, sin.value, tables_pullback)
+
+
+def _rope_in_kernel_bwd(res, dy):
+    cos, sin, tables_pullback = res
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros(dy.shape, dy.dtype)
+    dx = rope_kernel.rotate(dy, cos, sin, inverse=True)
+    return (dx, *(tables_pullback(dy) if tables_pullback else (None, None)))
+
+
+_rope_in_kernel.defvjp(_rope_in_kernel_fwd, _rope_in_kernel_bwd, symbolic_zeros=True)
