@@ -201,7 +201,7 @@ def run_one(workload: str, mode: str, dtype: str, attention: str) -> dict:
     record.update(
         dtype=dtype,
         attention=resolve_impl(attention, dtype, w.seq, cfg.head_dim, True),
-        layers="scan" if scans_layers(cfg.scan_layers) else "loop",
+        layers="scan" if scans_layers(cfg.scan_layers, cfg.num_layers) else "loop",
     )
     if gpu:
         peak_mb = device.memory_stats()["peak_bytes_in_use"] / 2**20

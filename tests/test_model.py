@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from ftlib.errors import FtlibError
+from ftlib.models import layer_stack
 from ftlib.models.llama import Llama, LlamaConfig, from_pretrained, hf_to_params
 
 CFG = LlamaConfig(
@@ -147,14 +148,22 @@ def test_scan_and_unrolled_agree():
     np.testing.assert_allclose(scanned(ids), remat(ids), atol=1e-5)
 
 
-def test_scan_layers_default_loops_on_gpu_only(monkeypatch):
-    """scan_layers=None: lax.scan on CPU, a Python loop when the backend is a GPU."""
-    model = Llama(CFG, rngs=nnx.Rngs(1))
+def test_scan_layers_default_by_backend_and_depth(monkeypatch):
+    """scan_layers=None: a Python loop on a GPU, and on a CPU up to
+    LOOP_MAX_LAYERS_CPU layers; lax.scan deeper on a CPU, and on other backends."""
     ids = jnp.zeros((1, 4), jnp.int32)
-    scans = lambda: "scan" in str(jax.make_jaxpr(lambda x: model(x))(ids))  # noqa: E731
-    assert CFG.scan_layers is None and scans()
+
+    def scans(num_layers):
+        model = Llama(dataclasses.replace(CFG, num_layers=num_layers), rngs=nnx.Rngs(1))
+        return "scan" in str(jax.make_jaxpr(lambda x: model(x))(ids))
+
+    shallow, deep = CFG.num_layers, layer_stack.LOOP_MAX_LAYERS_CPU + 1
+    assert CFG.scan_layers is None and jax.default_backend() == "cpu"
+    assert not scans(shallow) and not scans(deep - 1) and scans(deep)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not scans()
+    assert not scans(shallow) and not scans(deep)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert scans(shallow)
 
 
 def test_packed_segments_do_not_see_each_other():

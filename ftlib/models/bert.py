@@ -308,7 +308,7 @@ class BertClassifier(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
-        scan = layer_stack.scans_layers(self.cfg.scan_layers)
+        scan = layer_stack.scans_layers(self.cfg.scan_layers, L)
         xs = (state, keys, prefix_kv)
         return layer_stack.run(body, h, xs, L, scan=scan, unroll=self.cfg.scan_unroll)[0]
 

@@ -11,17 +11,31 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+# Deepest stack the layer loop runs by default on a CPU: its compile time grows with depth.
+LOOP_MAX_LAYERS_CPU = 16
 
-def scans_layers(scan_layers: bool | None) -> bool:
+
+def scans_layers(scan_layers: bool | None, num_layers: int) -> bool:
     """model.scan_layers -> whether the blocks run under `lax.scan` (True) or as a
-    Python loop over the stacked params (False). None picks by backend: a loop on GPU,
-    where XLA copies each layer's params and saved activations out of and into the
-    stacked buffers around a scan (llama-1b bf16 on an H200: loop steps take 0.87x
-    (full) and 0.82x (LoRA) the time, compiling in 11 s instead of 7); scan elsewhere,
-    where the loop gains little and compiles much longer (CPU: 3-6x at 16-32 layers)."""
-    if scan_layers is None:
-        return jax.default_backend() != "gpu"
-    return bool(scan_layers)
+    Python loop over the stacked params (False). None picks by backend and depth:
+
+    - GPU: the loop. XLA copies each layer's params and saved activations out of and
+      into the stacked buffers around a scan (llama-1b bf16 on an H200: loop steps take
+      0.87x (full) and 0.82x (LoRA) the time, compiling in 11 s instead of 7).
+    - CPU: the loop up to LOOP_MAX_LAYERS_CPU layers, the scan deeper. The loop saves
+      the scan's stacking (paired steps: llama-tiny 0.84-0.87x, llama-small 0.91-0.92x,
+      32 layers 0.92x) but compiles once per batch shape in time growing with depth
+      (LoRA, hidden 256: 1.4 / 3.6 / 7.5 s at 4 / 16 / 32 layers, the scan 1.6 s at
+      each): the default run's 30-layer SmolLM2 took 275 s with the loop against 252
+      with the scan, at 0.96x the step time (benchmarks/README.md).
+    - Elsewhere (TPU): the scan.
+    """
+    if scan_layers is not None:
+        return bool(scan_layers)
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return False
+    return not (backend == "cpu" and num_layers <= LOOP_MAX_LAYERS_CPU)
 
 
 def layer_slices(tree, L: int) -> list:

@@ -325,7 +325,7 @@ class Llama(nnx.Module):
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy)
-        scan = layer_stack.scans_layers(self.cfg.scan_layers)
+        scan = layer_stack.scans_layers(self.cfg.scan_layers, L)
         xs = (state, keys, buffers)
         return layer_stack.run(body, h, xs, L, scan=scan, unroll=self.cfg.scan_unroll)
 
