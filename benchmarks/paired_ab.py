@@ -206,7 +206,8 @@ def _indexed_layers():
 
 def _first_layer_input_grad():
     """The layer scan's backward computes layer 0's input gradient too, as before
-    layer_stack skipped it where nothing below the layers trains."""
+    layer_stack skipped it where nothing below the layers trains. Only the scan has it:
+    on a CPU the workloads' default up to 16 layers is the loop (--layers=32 scans)."""
     from ftlib.models import layer_stack
 
     return _patched(layer_stack, "input_differentiated", lambda x, params: None)
