@@ -79,6 +79,8 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "xla_adamw": (optim, "fused_adamw"),
         "xla_attention_softmax": (attention, "masked_softmax"),
         "attention_ops": (attention, "attention_kernel"),
+        "rope_xla": (llama, "apply_rope"),
+        "layer_loop_rope_xla": (llama, "apply_rope"),
     }
     for name, (owner, attr) in patched.items():
         before = getattr(owner, attr)
