@@ -29,6 +29,7 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import paired_ab  # noqa: E402
 import step_time  # noqa: E402
 
 TRACED_STEPS = 3
@@ -148,12 +149,14 @@ def main():
     parser.add_argument("--trace_out", default="", help="folder for the raw .xplane.pb")
     parser.add_argument("--hlo_out", default="", help="file for the optimized HLO (.gz: gzip)")
     parser.add_argument(
-        "--variant", default="ftlib", help="a paired_ab.py variant to profile instead of ftlib"
+        "--variant",
+        default="ftlib",
+        choices=[*paired_ab.VARIANTS, *paired_ab.COMPILER_OPTIONS],
+        help="a paired_ab.py variant to profile instead of ftlib",
     )
     args = parser.parse_args()
 
     import jax
-    import paired_ab
 
     with paired_ab.VARIANTS.get(args.variant, contextlib.nullcontext)():
         cfg = step_time.llama_config(args.workload, args.dtype, args.attention)
