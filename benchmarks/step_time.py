@@ -15,8 +15,9 @@ peft.get_peft_model + torch.optim.AdamW (hf_peft.py) on the same batches, in its
 and the ftlib/HF step-time ratio is printed per workload and mode. --rounds=N
 repeats each pair N times (order swapped every other round; each record names its
 round) and also prints the median of the N ratios. ftlib's process
-restarts itself with glibc's huge-page tunable as its CLIs do (ftlib.hugepages);
-HF's runs as launched: set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to give it both.
+restarts itself with its malloc settings as its CLIs do (ftlib.malloc_env: glibc's
+huge-page tunable and the block cache); HF's runs as launched: set
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to give it huge pages too.
 
 On a GPU both stacks run there. --dtype=bfloat16 is mixed precision in both: fp32
 params and optimizer, bf16 matmuls (ftlib: model.dtype; HF: torch.autocast). fp32
@@ -242,8 +243,10 @@ def make_record(stack, workload, mode, times, total, trainable, flops, gemm_peak
         # for any implementation of the same math on this machine.
         "gemm_bound_step_s": flops / gemm_peak / 1e9,
         "step_times_s": times,
-        # ftlib's CLIs set glibc.malloc.hugetlb=1 (ftlib.hugepages); HF runs as launched.
+        # ftlib's CLIs set glibc.malloc.hugetlb=1 and preload the block cache
+        # (ftlib.malloc_env); HF runs as launched.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }
 
 
@@ -287,9 +290,9 @@ def main():
     if args.run:
         stack, workload, mode, dtype, attention = args.run
         if stack == "ftlib":
-            from ftlib import hugepages
+            from ftlib import malloc_env
 
-            hugepages.restart_with_hugepages()  # as ftlib's CLIs do
+            malloc_env.restart()  # as ftlib's CLIs do
             print(json.dumps(run_one(workload, mode, dtype, attention)))
         else:
             import hf_peft  # noqa: PLC0415 - torch only in HF's processes

@@ -41,9 +41,9 @@ def main():
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts OpenMP
-    from ftlib import hugepages
+    from ftlib import malloc_env
 
-    hugepages.restart_with_hugepages()
+    malloc_env.restart()
     import numpy as np
 
     n = step_time.WARMUP + args.rounds

@@ -4,7 +4,7 @@ import sys
 
 from absl import app, flags, logging
 
-from ftlib import distributed, hugepages
+from ftlib import distributed, malloc_env
 from ftlib.errors import FtlibError
 
 
@@ -18,9 +18,9 @@ def _parse_flags(argv):
 
 def run(main):
     """app.run(main) where an FtlibError or a bad flag ends the program with one
-    line on stderr, no traceback. First the process restarts itself with huge pages
-    for malloc where that helps (ftlib.hugepages)."""
-    hugepages.restart_with_hugepages()
+    line on stderr, no traceback. First the process restarts itself with its malloc
+    settings where they help (ftlib.malloc_env)."""
+    malloc_env.restart()
 
     def guarded(argv):
         if len(argv) > 1:

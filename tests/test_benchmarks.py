@@ -124,7 +124,7 @@ def test_vs_hf_paired_alternates_steps_in_one_process(tmp_path, monkeypatch):
     import hf_peft
     import vs_hf_paired
 
-    from ftlib import hugepages
+    from ftlib import malloc_env
 
     clock, calls = [0.0], []
     hf_s = iter([9.0] * step_time.WARMUP + [2.0, 4.0, 1.0])  # ftlib: 1 s in every round
@@ -138,7 +138,7 @@ def test_vs_hf_paired_alternates_steps_in_one_process(tmp_path, monkeypatch):
         calls.append(("hf", ids))
         clock[0] += next(hf_s)
 
-    monkeypatch.setattr(hugepages, "restart_with_hugepages", lambda: None)
+    monkeypatch.setattr(malloc_env, "restart", lambda: None)
     monkeypatch.setattr(step_time, "llama_config", lambda workload: None)
     monkeypatch.setattr(step_time, "train_setup", lambda cfg, mode, n: (ftlib_step, 0, 0, 0))
     monkeypatch.setattr(hf_peft, "setup", lambda *a: (hf_step, None, None, None))
