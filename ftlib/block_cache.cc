@@ -10,15 +10,17 @@
 // split by small allocations and the heap grows by a block every few steps.
 //
 // What: malloc, posix_memalign, aligned_alloc and memalign of at least kMinBytes take
-// a block of this cache: a cached one whose size is within 1/4 above the request, else
-// a new mmap (huge pages advised), after unmapping every cached block that did not
-// fit, so the cache never holds memory beside a new block. free keeps the block
-// mapped for reuse; realloc, reallocarray and malloc_usable_size know the blocks.
-// Everything else, and every allocation when the table is full, is glibc's. Reused
-// memory is not zeroed (malloc never promises it; calloc stays glibc's). A request that
-// finds its size's block still in use waits up to kWaitNs for it: XLA frees a step's
-// block just after the step's results are ready, so the next step's request often
-// comes first, and without the wait it would map a second block and keep both.
+// a block of this cache: a cached one at most 1/4 larger than the request, else a new
+// mmap (huge pages advised), after unmapping the cached blocks not in use, so cached
+// memory never sits beside a new block. free keeps the block mapped for reuse and
+// unmaps the one kept before it, if unused: one unused block at most (a run over
+// batches of several shapes would keep one per shape). realloc, reallocarray and
+// malloc_usable_size know the blocks. Everything else, and every allocation when the
+// table is full, is glibc's. Reused memory is not zeroed (malloc never promises it;
+// calloc stays glibc's). A request whose block is still in use waits up to kWaitNs
+// for it: XLA frees a step's block just after the step's results are ready, so the
+// next step's request often comes first, and without the wait it would map a second
+// block and keep both.
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -176,6 +178,12 @@ void* malloc(size_t size) {
 void free(void* p) {
   if (Block* b = Lookup(p)) {
     pthread_mutex_lock(&lock);
+    for (Block& other : blocks) {  // one unused block at most: the latest freed
+      if (other.base && !other.in_use && &other != b) {
+        munmap(other.base, other.size);
+        other = Block();
+      }
+    }
     b->in_use = false;
     pthread_cond_broadcast(&freed);
     pthread_mutex_unlock(&lock);

@@ -117,6 +117,7 @@ assert memalign(99 * MB) == a  # reused: within a quarter above the request
 assert ctypes.string_at(a + 50 * MB, 1) == b"\x07"  # kept mapped, not zeroed
 b = libc.malloc(100 * MB)  # a is in use: a new block
 assert b not in (None, a)
+ctypes.memset(b, 1, 100 * MB)
 libc.free(a)
 before = rss()
 c = libc.malloc(40 * MB)  # too small for a's 100 MB: a new block, a unmapped
@@ -129,8 +130,10 @@ assert ctypes.string_at(d + 40 * MB - 1, 1) == b"\x03"
 small = libc.malloc(1000)  # glibc's, as is everything under 32 MB
 assert libc.malloc_usable_size(small) >= 1000
 libc.free(small)
-libc.free(d)
 libc.free(b)
+before = rss()
+libc.free(d)  # one unused block at most: b unmapped
+assert rss() < before - 90 * MB
 print("ok")
 """
 
