@@ -217,3 +217,40 @@ def test_attention_recompute_matches_the_saved_probabilities_path():
     np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_block_cache_ab_alternates_the_switch_and_checks_the_preload(monkeypatch, tmp_path):
+    """Each round runs the cache on and off (order swapped every other round) through
+    FTLIB_BLOCK_CACHE, and a process whose preload does not match its switch stops the
+    comparison instead of reporting a void ratio."""
+    import subprocess
+    import types
+
+    import block_cache_ab
+
+    runs = []
+
+    def fake_run(cmd, capture_output, text, env):
+        on = env["FTLIB_BLOCK_CACHE"] == "1"
+        runs.append(on)
+        record = {"block_cache": on, "median_wall_s": 1.0 if on else 2.0, "median_sys_s": 0.0,
+                  "median_minor_faults": 0, "peak_rss_mb": 1.0}  # fmt: skip
+        return types.SimpleNamespace(returncode=0, stdout=json.dumps(record), stderr="")
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "ab.json"
+    argv = ["block_cache_ab.py", "--workloads=llama-tiny", "--modes=lora", "--rounds=2"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"--out={out}"])
+    block_cache_ab.main()
+    assert runs == [True, False, False, True]
+    assert [r["round"] for r in json.loads(out.read_text())] == [0, 0, 1, 1]
+
+    never_preloaded = {"block_cache": False}
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda *a, **kw: types.SimpleNamespace(returncode=0, stdout=json.dumps(never_preloaded)),
+    )
+    with pytest.raises(SystemExit, match="not preloaded"):
+        block_cache_ab.main()
