@@ -15,18 +15,15 @@ fp32, and an error when one cannot be built).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
-from ftlib import assets
+from ftlib import cxx_build
+from ftlib.cxx_build import Unavailable
 from ftlib.errors import FtlibError
 
 HERE = pathlib.Path(__file__).parent
@@ -35,10 +32,6 @@ CHOICES = ("auto", "xla", "mkl")
 # No errno from sqrt and no trapping FP exceptions: neither is ever read, and without
 # them GCC leaves loops with a square root or a select over a division scalar.
 FLAGS = ("-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
-
-
-class Unavailable(FtlibError):
-    """An ftlib CPU kernel cannot be used here (no compiler, a failed build, no MKL)."""
 
 
 def choice() -> str:
@@ -57,24 +50,8 @@ def single_cpu_device() -> bool:
 def build(source: pathlib.Path) -> pathlib.Path:
     """Compiles `source` once per source, header, flag and jax version -> the cached .so."""
     text = source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS) + str(FLAGS).encode()
-    key = hashlib.sha256(text + jax.__version__.encode()).hexdigest()[:16]
-    cache = assets.cache_dir() / "kernels"
-    library = cache / f"{source.stem}-{key}.so"
-    if library.exists():
-        return library
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise Unavailable(f"no C++ compiler ($CXX or g++) to build ftlib/{source.name}")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then an atomic rename
-        built = pathlib.Path(tmp) / library.name
-        cmd = [compiler, *FLAGS, "-shared", "-fPIC", "-w"]
-        cmd += [f"-I{jax.ffi.include_dir()}", f"-I{HERE}", str(source), "-o", str(built)]
-        done = subprocess.run(cmd + ["-ldl"], capture_output=True, text=True)
-        if done.returncode:
-            raise Unavailable(f"building {source.name} failed:\n{done.stderr[-2000:]}")
-        os.replace(built, library)
-    return library
+    flags = [*FLAGS, "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", f"-I{HERE}"]
+    return cxx_build.compiled(source, text + jax.__version__.encode(), flags)
 
 
 def load(source: pathlib.Path, targets: dict[str, str], init=None) -> ctypes.CDLL:

@@ -22,16 +22,12 @@ starting Python. Measured in benchmarks/README.md.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 
-from ftlib import assets
+from ftlib import cxx_build
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -64,25 +60,14 @@ def hugepage_env(environ, libc: str, thp_mode: str) -> dict | None:
 
 def block_cache_library() -> pathlib.Path | None:
     """block_cache.cc built once per source into the cache -> the .so, or None where it
-    cannot be built (no compiler, a failed build: ftlib then runs without it)."""
-    source = BLOCK_CACHE_SOURCE.read_bytes()
-    library = (
-        assets.cache_dir() / "kernels" / f"block_cache-{hashlib.sha256(source).hexdigest()[:16]}.so"
-    )
-    if library.exists():
-        return library
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
+    cannot be built (no compiler, a failed build, an unwritable cache: ftlib then runs
+    without it)."""
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC"]
+    source = BLOCK_CACHE_SOURCE
+    try:
+        return cxx_build.compiled(source, source.read_bytes(), flags, libs=("-ldl", "-pthread"))
+    except (cxx_build.Unavailable, OSError):
         return None
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # then an atomic rename
-        built = pathlib.Path(tmp) / library.name
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(BLOCK_CACHE_SOURCE)]
-        done = subprocess.run(cmd + ["-o", str(built), "-ldl", "-pthread"], capture_output=True)
-        if done.returncode:
-            return None
-        os.replace(built, library)
-    return library
 
 
 def block_cache_env(environ, libc: str, library) -> dict | None:

@@ -55,6 +55,19 @@ def test_restart_env_combines_both_settings():
     assert malloc_env.restart_env(both, "glibc", "madvise", lib) is None  # after the restart
 
 
+def test_block_cache_library_is_none_where_it_cannot_be_built(tmp_path, monkeypatch):
+    """No compiler, or a cache that cannot be written: the CLI starts without the cache
+    instead of failing."""
+    monkeypatch.setenv("FTLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert malloc_env.block_cache_library() is None
+    monkeypatch.delenv("CXX")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("FTLIB_CACHE", str(blocker / "cache"))
+    assert malloc_env.block_cache_library() is None
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
