@@ -131,10 +131,13 @@ assert ctypes.string_at(a + 50 * MB, 1) == b"\x07"  # kept mapped, not zeroed
 b = libc.malloc(100 * MB)  # a is in use: a new block
 assert b not in (None, a)
 ctypes.memset(b, 1, 100 * MB)
-libc.free(a)
 before = rss()
-c = libc.malloc(40 * MB)  # too small for a's 100 MB: a new block, a unmapped
-assert c not in (None, b) and rss() < before - 90 * MB
+libc.free(a)  # b, handed out after a, is in use: a is not kept beside it
+assert rss() < before - 90 * MB
+libc.free(b)  # kept: no block handed out after it is in use
+before = rss()
+c = libc.malloc(40 * MB)  # too small for b's 100 MB: a new block, b unmapped first
+assert c is not None and rss() < before - 90 * MB
 c2 = libc.realloc(c, 20 * MB)  # shrinking keeps the block
 assert c2 == c
 ctypes.memset(c, 3, 40 * MB)
@@ -143,9 +146,11 @@ assert ctypes.string_at(d + 40 * MB - 1, 1) == b"\x03"
 small = libc.malloc(1000)  # glibc's, as is everything under 32 MB
 assert libc.malloc_usable_size(small) >= 1000
 libc.free(small)
-libc.free(b)
+e = libc.malloc(100 * MB)
+ctypes.memset(e, 1, 100 * MB)
+libc.free(e)  # kept: d, in use, was handed out before it
 before = rss()
-libc.free(d)  # one unused block at most: b unmapped
+libc.free(d)  # one unused block at most: e unmapped
 assert rss() < before - 90 * MB
 print("ok")
 """
