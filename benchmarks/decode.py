@@ -2,6 +2,7 @@
 
   python benchmarks/decode.py --out=benchmarks/decode.json
   python benchmarks/decode.py --batch_sizes=1,4 --new_tokens=32 --dtype=bfloat16
+  python benchmarks/decode.py --variant=sliced_frozen_weights  # a paired_ab.py variant
 
 Per batch size and mode: one call to compile, then `--repeats` timed calls of
 greedy decoding of --new_tokens tokens (no stop token, so every row decodes
@@ -30,10 +31,14 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="compute dtype")
+    parser.add_argument("--variant", default="ftlib", help="one of paired_ab.py's VARIANTS")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
     import jax
+    import paired_ab
+
+    paired_ab.VARIANTS[args.variant]().__enter__()  # for the whole process
 
     from configs import default
     from ftlib import generate as gen
@@ -68,6 +73,7 @@ def main():
     report = {
         "model": c.model.checkpoint,
         "dtype": args.dtype,
+        "variant": args.variant,
         "device": str(jax.devices()[0].device_kind),
         "load_avg_1m": round(os.getloadavg()[0], 1),  # other processes on the host skew CPU numbers
         "results": results,

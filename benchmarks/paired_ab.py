@@ -213,6 +213,21 @@ def _first_layer_input_grad():
     return _patched(layer_stack, "input_differentiated", lambda x, params: None)
 
 
+def _sliced_frozen_weights(scan_layers=None):
+    """Frozen weights sliced out of their stacks for each layer (a copy per layer, forward
+    and backward), as before layer_stack's LayerViews."""
+    import jax
+
+    from ftlib.models import layer_stack
+
+    stack = contextlib.ExitStack()
+    if scan_layers is not None:
+        stack.enter_context(_config_override(scan_layers=scan_layers))
+    none = lambda xs: [False] * len(jax.tree.leaves(xs))  # noqa: E731
+    stack.enter_context(_patched(layer_stack, "viewed", none))
+    return stack
+
+
 def _rope_xla(scan_layers=None):
     """RoPE in XLA's ops, as before rope_kernel: XLA fuses the tables' cos and sin into
     each consumer (with scan_layers=False: in the layer loop, per head and layer)."""
@@ -338,6 +353,8 @@ VARIANTS = {
     "rope_xla": _rope_xla,
     "layer_loop_rope_xla": lambda: _rope_xla(scan_layers=False),
     "indexed_layers": _indexed_layers,
+    "sliced_frozen_weights": _sliced_frozen_weights,
+    "layer_scan_sliced_frozen_weights": lambda: _sliced_frozen_weights(scan_layers=True),
     "xla_gemm": _xla_gemm,
     "xla_batched_products": _xla_batched_products,
     "xla_lora_products": _xla_lora_products,

@@ -56,6 +56,9 @@ WORKLOADS = {
     "llama-small": Workload(32000, 512, 1376, 8, 8, 8, 4, 512),
     # TinyLlama-1.1B's shape (GQA, 4 KV heads), for a GPU: 16k tokens per step.
     "llama-1b": Workload(32000, 2048, 5632, 22, 32, 4, 8, 2048),
+    # SmolLM2-135M's shape (untied here) at about the default run's batch: 30 layers,
+    # which the CPU runs under the layer scan, and short rows.
+    "smollm2-135m": Workload(49152, 576, 1536, 30, 9, 3, 8, 64),
 }
 # Dense datasheet TFLOP/s by device kind and dtype (SXM parts); the MFU denominator.
 GPU_PEAK_TFLOPS = {

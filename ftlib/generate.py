@@ -26,6 +26,7 @@ from absl import flags
 from flax import nnx
 
 from ftlib.errors import FtlibError
+from ftlib.models import layer_stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ def _positions(seg_BT):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
+@layer_stack.forward_only()  # frozen weights read in place (LayerViews)
 def _prefill(graphdef, state, ids_BT, seg_BT, key, max_new_tokens, sampling):
     model = nnx.merge(graphdef, state)
     h_BTD, cache = model.prefill(ids_BT, _positions(seg_BT), seg_BT, extra_slots=max_new_tokens)
@@ -79,6 +81,7 @@ def _prefill(graphdef, state, ids_BT, seg_BT, key, max_new_tokens, sampling):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+@layer_stack.forward_only()  # frozen weights read in place (LayerViews)
 def _decode(graphdef, state, cache, token_B, position_B, step, key, sampling):
     model = nnx.merge(graphdef, state)
     h_B1D, cache = model.decode(token_B[:, None], position_B[:, None], cache)
@@ -86,6 +89,7 @@ def _decode(graphdef, state, cache, token_B, position_B, step, key, sampling):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
+@layer_stack.forward_only()  # frozen weights read in place (LayerViews)
 def _recompute(graphdef, state, ids_BS, seg_BS, index, step, key, sampling):
     """The token after position `index` from the whole sequence, without a cache
     (the reference and the baseline). Slots after `index` are causally invisible,

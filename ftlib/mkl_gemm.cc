@@ -9,7 +9,10 @@
 //   ftlib_sgemm:     C[i] = op(A[i]) @ op(B[i])
 //   ftlib_sgemm_acc: C[i] = C0[i] + op(A[i]) @ op(B[i]), C aliased to C0 by the caller
 // for i < batch: A[i] is [M, K] ([K, M] when transpose_a), B[i] is [K, N] ([N, K] when
-// transpose_b), row-major and dense.
+// transpose_b), row-major and dense. The `_layer` targets take B as a stack [L, ...] of
+// such operands and an int32 `layer` after it, and read B[layer] in place: a layer's
+// frozen weight under the layer loop or scan, which XLA would otherwise copy out of the
+// stack for the call.
 
 #include <algorithm>
 #include <cstdint>
@@ -84,9 +87,45 @@ ffi::Error SgemmAcc(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// B[layer] of a stack of k * n floats per layer (batch 1), or nullptr when out of range.
+const float* LayerOf(ffi::Buffer<ffi::F32> stack, ffi::Buffer<ffi::S32> layer, int64_t batch,
+                     int64_t n, int64_t k) {
+  const int64_t layers = stack.dimensions().size() == 0 ? 0 : stack.dimensions()[0];
+  const int64_t i = *layer.typed_data();
+  if (batch != 1 || i < 0 || i >= layers || layers * k * n != int64_t(stack.element_count())) {
+    return nullptr;
+  }
+  return stack.typed_data() + i * k * n;
+}
+
+ffi::Error SgemmLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> stack,
+                      ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> c,
+                      bool transpose_a, bool transpose_b, int64_t batch, int64_t m, int64_t n,
+                      int64_t k) {
+  const float* b = LayerOf(stack, layer, batch, n, k);
+  if (!b) return ffi::Error::InvalidArgument("ftlib_sgemm_layer: layer out of range");
+  RunOnPool(pool, Gemm{a.typed_data(), b, c->typed_data(), batch, m, n, k, transpose_a,
+                       transpose_b, 0.0f});
+  return ffi::Error::Success();
+}
+
+ffi::Error SgemmAccLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> a,
+                         ffi::Buffer<ffi::F32> stack, ffi::Buffer<ffi::S32> layer,
+                         ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b,
+                         int64_t batch, int64_t m, int64_t n, int64_t k) {
+  if (c0.typed_data() != c->typed_data()) {
+    return ffi::Error::InvalidArgument("ftlib_sgemm_acc_layer: the output must alias the addend");
+  }
+  const float* b = LayerOf(stack, layer, batch, n, k);
+  if (!b) return ffi::Error::InvalidArgument("ftlib_sgemm_acc_layer: layer out of range");
+  RunOnPool(pool, Gemm{a.typed_data(), b, c->typed_data(), batch, m, n, k, transpose_a,
+                       transpose_b, 1.0f});
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-// The attributes both targets take after their buffers.
+// The attributes every target takes after its buffers.
 template <typename Binding>
 auto WithGemmAttrs(Binding binding) {
   return std::move(binding)
@@ -111,4 +150,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemmAcc, SgemmAcc,
                                                 .Arg<ffi::Buffer<ffi::F32>>()
                                                 .Arg<ffi::Buffer<ffi::F32>>()
                                                 .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemmLayer, SgemmLayer,
+                              WithGemmAttrs(ffi::Ffi::Bind()
+                                                .Ctx<ffi::ThreadPool>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::S32>>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtlibSgemmAccLayer, SgemmAccLayer,
+                              WithGemmAttrs(ffi::Ffi::Bind()
+                                                .Ctx<ffi::ThreadPool>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::S32>>()
                                                 .Ret<ffi::Buffer<ffi::F32>>()));

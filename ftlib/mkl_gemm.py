@@ -23,9 +23,15 @@ import numpy as np
 
 from ftlib import ffi_kernels
 from ftlib.ffi_kernels import Unavailable
+from ftlib.layer_view import LayerView, unwrapped
 
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-TARGETS = {"ftlib_sgemm": "FtlibSgemm", "ftlib_sgemm_acc": "FtlibSgemmAcc"}
+TARGETS = {
+    "ftlib_sgemm": "FtlibSgemm",
+    "ftlib_sgemm_acc": "FtlibSgemmAcc",
+    "ftlib_sgemm_layer": "FtlibSgemmLayer",
+    "ftlib_sgemm_acc_layer": "FtlibSgemmAccLayer",
+}
 MAX_DIM = 2**31 - 1  # MKL's LP64 interface takes int sizes
 
 
@@ -57,7 +63,7 @@ def applies(*operands) -> bool:
     # Leading dims are merged into the rows, and rows are a leading dimension too.
     if any(max(math.prod(jnp.shape(x)[:-1]), *jnp.shape(x)[-1:]) > MAX_DIM for x in operands):
         return False
-    return KERNEL.applies(*operands)
+    return KERNEL.applies(*map(unwrapped, operands))
 
 
 def _sizes(a, b, transpose_a, transpose_b):
@@ -73,6 +79,11 @@ def _sizes(a, b, transpose_a, transpose_b):
 
 
 def _call(target, out_shape, operands, transpose_a, transpose_b, batch, m, n, k, **kw):
+    *operands, b = operands
+    if isinstance(b, LayerView):  # read in place: the `_layer` target, then the layer
+        target, operands = f"{target}_layer", (*operands, b.stack, b.index.astype(jnp.int32))
+    else:
+        operands = (*operands, b)
     return KERNEL.call(
         target,
         jax.ShapeDtypeStruct(out_shape, jnp.float32),
@@ -91,7 +102,9 @@ def gemm(a, b, *, transpose_a=False, transpose_b=False):
     """op(a) @ op(b) in float32 over the last two dims, op transposing when asked: a is
     [*batch, M, K] (or [*batch, K, M]), b [*batch, K, N] (or [*batch, N, K]). A
     transposed operand is read in place, never copied. Not differentiable: callers
-    give it a custom VJP (layers.matmul) or call it from one (the attention's)."""
+    give it a custom VJP (layers.matmul) or call it from one (the attention's). b may
+    be a LayerView (one [K, N] layer of a stack, no batch), read in place."""
+    a = a.get() if isinstance(a, LayerView) else a
     batch, m, n, k = _sizes(a, b, transpose_a, transpose_b)
     if 0 in (m, n, k, *batch):  # MKL wants leading dimensions >= 1
         return jnp.zeros((*batch, m, n), jnp.float32)
@@ -104,6 +117,7 @@ def gemm_accumulate(c, a, b, *, transpose_a=False, transpose_b=False):
     op(a) @ op(b), the first term of a sum."""
     if c is None:
         return gemm(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    a = a.get() if isinstance(a, LayerView) else a
     batch, m, n, k = _sizes(a, b, transpose_a, transpose_b)
     if c.shape != (*batch, m, n):
         raise ValueError(f"gemm_accumulate: c is {c.shape}, the product {(*batch, m, n)}")

@@ -16,6 +16,7 @@ import optax
 from flax import nnx, struct
 
 from ftlib.linear_cross_entropy import is_first_max, linear_cross_entropy
+from ftlib.models import layer_stack
 from ftlib.optim import apply_gradients
 
 OBJECTIVES = ("causal_lm", "sequence_classification")
@@ -165,6 +166,7 @@ def make_eval_step(graphdef, choice_token_ids=None, objective: str = "causal_lm"
     Otherwise: masked next-token NLL / accuracy over all completion tokens."""
     _check_objective(objective)
 
+    @layer_stack.forward_only()  # nothing differentiates it: frozen weights read in place
     def eval_step(params, frozen, batch):
         model = nnx.merge(graphdef, params, frozen)
         w_B = batch["weight"]

@@ -64,6 +64,8 @@ def test_paired_ab_variants_change_the_build_and_restore_it():
         "uninitialized_scan_stacks": (loops, "_empty_array"),
         "indexed_layers": (layer_stack, "layer_slices"),
         "first_layer_input_grad": (layer_stack, "input_differentiated"),
+        "sliced_frozen_weights": (layer_stack, "viewed"),
+        "layer_scan_sliced_frozen_weights": (layer_stack, "viewed"),
         "down_saves_h": (products, "swiglu_product_applies"),
         "separate_projections": (products, "shared_input_applies"),
         "frozen_bf16": (steps, "init_train_state"),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ftlib import mkl_gemm
 from ftlib.models import layer_stack
 from ftlib.models.llama import Llama, LlamaConfig
 
@@ -66,6 +67,12 @@ CFG = LlamaConfig(
 def _grads(method: str, scan: bool, remat: str = "none"):
     """Gradients of the trainable params of a tiny Llama under `method`, split by its
     mask as the train step does."""
+    grad, params = _grad_fn(method, scan, remat)
+    return grad(params)
+
+
+def _grad_fn(method: str, scan: bool, remat: str = "none"):
+    """(jax.grad of a tiny Llama's loss under `method`, its trainable params)."""
     from configs import default
     from ftlib import peft
 
@@ -81,7 +88,7 @@ def _grads(method: str, scan: bool, remat: str = "none"):
     graphdef, params, frozen = nnx.split(model, mask.filter, ...)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)))
     loss = lambda p: jnp.mean(nnx.merge(graphdef, p, frozen)(ids) ** 2)
-    return jax.grad(loss)(params)
+    return jax.grad(loss), params
 
 
 @pytest.mark.parametrize(
@@ -108,3 +115,21 @@ def test_llama_gradients_under_the_scan_match_the_loop(monkeypatch, method, inpu
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_reads_frozen_weights_in_place(monkeypatch, scan):
+    """Under LoRA the frozen projections reach MKL's products as LayerViews of their
+    stacks (no per-layer copies), with the gradients of sliced weights."""
+    if not mkl_gemm.applies(jnp.ones((2, 2))):
+        pytest.skip("MKL's products do not run here")
+    grad, params = _grad_fn("lora", scan)
+    hlo = jax.jit(grad).lower(params).as_text()
+    got = grad(params)
+    monkeypatch.setattr(layer_stack, "viewed", lambda xs: [False] * len(jax.tree.leaves(xs)))
+    grad, params = _grad_fn("lora", scan)
+    assert "ftlib_sgemm_layer" in hlo
+    assert "ftlib_sgemm_layer" not in jax.jit(grad).lower(params).as_text()
+    want = grad(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

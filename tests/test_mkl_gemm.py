@@ -392,7 +392,7 @@ def test_shared_input_products_match_separate_projections(monkeypatch):
 )
 def test_llama_layers_share_and_recompute_saved_inputs(monkeypatch, method, scan_layers):
     """Where the projections are plain Linears (full fine-tuning, prefix tuning) or LoRA
-    without dropout, q, k, v and gate, up run as products sharing their input, and the
+    without dropout, q, k, v (o alone) and gate, up run as products sharing their input, and the
     compiled train step recomputes h in SwiGLU's backward kernel (once in the scan's
     body, in each branch of its backward; once per layer in the loop); with the base frozen (prefix, LoRA) it drops
     down_proj's weight gradient. LoRA with dropout keeps each module's own call. (Losses against XLA's ops:
@@ -419,9 +419,9 @@ def test_llama_layers_share_and_recompute_saved_inputs(monkeypatch, method, scan
     batch = tiny_llama.batch(0, cfg, B=2, T=8)
     hlo = step.lower(state, frozen, batch).compile().as_text()
     calls = 0 if method == "lora_dropout" else (1 if scan_layers else cfg.num_layers)
-    # q, k, v and gate, up: each group one custom VJP saving its input once.
+    # q, k, v; o; gate, up: each group one custom VJP saving its input once.
     jaxpr = str(jax.make_jaxpr(lambda b: steps._hidden(model, b, jax.random.key(0)))(batch))
-    assert jaxpr.count("name=shared_input_products") == 2 * calls
+    assert jaxpr.count("name=shared_input_products") == 3 * calls
     # Where nothing below the layers trains (prefix, LoRA), the scan's backward has two
     # branches, layer 0's without its input gradient (ftlib.models.layer_stack).
     branches = 2 if scan_layers and method != "full" else 1

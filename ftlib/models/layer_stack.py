@@ -1,18 +1,39 @@
 """A stack of layers over stacked [L, ...] params: `lax.scan` or a Python loop, for
 every model with stacked layers (Llama, BERT); under the scan, layer 0's input gradient
-is skipped where nothing below the layers trains (`run`).
+is skipped where nothing below the layers trains, and frozen weights that MKL's products
+read reach the layers as LayerViews, not copies (`run`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from ftlib import mkl_gemm
+from ftlib.layer_view import LayerView
+
 # Deepest stack the layer loop runs by default on a CPU: its compile time grows with depth.
 LOOP_MAX_LAYERS_CPU = 16
+
+_FORWARD_ONLY = contextvars.ContextVar("ftlib_forward_only", default=False)
+
+
+@contextlib.contextmanager
+def forward_only():
+    """Tracing under it: nothing differentiates the layer stacks traced (an eval step,
+    generation), which autodiff's probe cannot tell from "not known", so their frozen
+    weights go as LayerViews too (`viewed`). Differentiating them anyway stays correct,
+    at the cost of a stack-sized cotangent per layer."""
+    token = _FORWARD_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY.reset(token)
 
 
 def scans_layers(scan_layers: bool | None, num_layers: int) -> bool:
@@ -48,7 +69,7 @@ def layer_slices(tree, L: int) -> list:
     return [treedef.unflatten([parts[i][0] for parts in split]) for i in range(L)]
 
 
-def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1):
+def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1, views: bool = False):
     """body(h, layer) -> (h, y) over the layers of xs (stacked [L, ...] leaves; None
     leaves stay None) -> (h, ys stacked over layers): lax.scan, or a Python loop over
     layer_slices.
@@ -60,18 +81,94 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1):
     (`_input_grad_skipped_at_first`). (Running layer 0 outside the scan instead needs
     xs[1:], a copy of every frozen weight each step: 157 ms for the 411 MB of the default
     run's SmolLM2, against ~8 ms saved.) Paired llama-small LoRA steps on the CPU: 1.022
-    to 1.048 for the old path; llama-tiny's neutral (benchmarks/README.md)."""
+    to 1.048 for the old path; llama-tiny's neutral (benchmarks/README.md).
+
+    views=True: a frozen weight that MKL's products read (`viewed`) reaches its layer as
+    a LayerView of its stack, for bodies that read their params as Variables (`[...]`
+    slices a view) or hand them to ftlib.models.products: the scan's slice or the
+    loop's split would be a copy of it, forward and backward, every step. Paired LoRA
+    steps of SmolLM2-135M's shape under the scan: 1.047 for the copies; llama-small's
+    loop 1.004; greedy decoding 1.5-1.8x faster (benchmarks/README.md)."""
+    views = viewed(xs) if views else [False] * len(jax.tree.leaves(xs))
     if scan:
+        xs, with_views = _scanned_without_views(xs, views, num_layers)
         if num_layers > 1 and input_differentiated(h, xs) is False:
             first = jnp.arange(num_layers) == 0
-            step = lambda h, layer: _input_grad_skipped_at_first(body, h, *layer)  # noqa: E731
+            step = lambda h, layer: _input_grad_skipped_at_first(  # noqa: E731
+                body, h, with_views(layer[0]), layer[1]
+            )
             return jax.lax.scan(step, h, (xs, first), unroll=unroll)
-        return jax.lax.scan(body, h, xs, unroll=unroll)
+        return jax.lax.scan(lambda h, layer: body(h, with_views(layer)), h, xs, unroll=unroll)
     ys = []
-    for layer in layer_slices(xs, num_layers):
+    leaves, treedef = jax.tree.flatten(xs)
+    for i, layer in enumerate(layer_slices(xs, num_layers)):
+        if any(views):  # the split's parts these replace are dead code, which XLA drops
+            index = jnp.asarray(i, jnp.int32)
+            parts = jax.tree.leaves(layer)
+            layer = treedef.unflatten(
+                [LayerView(x, index) if v else p for x, p, v in zip(leaves, parts, views)]
+            )
         h, y = body(h, layer)
         ys.append(y)
     return h, jax.tree.map(lambda *y: jnp.stack(y), *ys) if ys else None
+
+
+def viewed(xs) -> list[bool]:
+    """Per leaf of xs: whether its layers go as LayerViews. Stacks of matrices (ndim 3)
+    that autodiff, tracing now, does not differentiate (all of them under
+    `forward_only`), where MKL runs their products (which read views in place:
+    ftlib.mkl_gemm). Elsewhere (an accelerator, a sharded step, no autodiff or not
+    known) the layers get slices, as everything else does."""
+    leaves = jax.tree.leaves(xs)
+    candidates = [
+        jnp.ndim(x) == 3 and jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves
+    ]
+    if not any(candidates) or not mkl_gemm.applies(*(x for x, c in zip(leaves, candidates) if c)):
+        return [False] * len(leaves)
+    trained = differentiated_leaves([x for x, c in zip(leaves, candidates) if c])
+    if trained is None and _FORWARD_ONLY.get():
+        trained = [False] * sum(candidates)
+    if trained is None:
+        return [False] * len(leaves)
+    it = iter(trained)
+    return [c and not next(it) for c in candidates]
+
+
+def _scanned_without_views(xs, views, num_layers: int):
+    """-> (what the scan slices: xs without the viewed leaves, plus the layer index;
+    with_views(its slices) -> the layer, viewed leaves as LayerViews of their stacks)."""
+    leaves, treedef = jax.tree.flatten(xs)
+    if not any(views):
+        return xs, lambda layer: layer
+    stacks = [x if v else None for x, v in zip(leaves, views)]
+    scanned = [None if v else x for x, v in zip(leaves, views)]
+
+    def with_views(layer):
+        parts, index = layer
+        return treedef.unflatten(
+            [p if s is None else LayerView(s, index) for p, s in zip(parts, stacks)]
+        )
+
+    return (scanned, jnp.arange(num_layers, dtype=jnp.int32)), with_views
+
+
+def differentiated_leaves(leaves) -> list[bool] | None:
+    """Per array of `leaves`: whether reverse-mode autodiff, tracing this call now,
+    needs its gradient; None where that is not known here (as `input_differentiated`,
+    whose probe this is, per leaf)."""
+    seen = []
+
+    @jax.custom_jvp
+    def probe(*xs):
+        return xs[0]
+
+    def rule(primals, tangents):
+        seen.append([not isinstance(t, SymbolicZero) for t in tangents])
+        return primals[0], tangents[0] if seen[-1][0] else jnp.zeros_like(primals[0])
+
+    probe.defjvp(rule, symbolic_zeros=True)
+    probe(*leaves)
+    return seen[0] if seen else None
 
 
 def input_differentiated(x, params) -> bool | None:

@@ -72,7 +72,8 @@ class Linear(nnx.Module):
         del rng
         if self.bias is not None:
             return None
-        return products.MatmulProduct(), (self.kernel[...].astype(self.dtype),)
+        # get_value(), not [...]: a LayerView stays one (layer_stack)
+        return products.MatmulProduct(), (self.kernel.get_value().astype(self.dtype),)
 
 
 def dot(a, b):

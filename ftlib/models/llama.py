@@ -130,7 +130,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_buf, v.astype(v_buf.dtype), index, axis=1)
             out_BTNH = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
-        out = self.o_proj(out_BTNH.reshape(B, T, N * H), rng=keys[3])
+        (out,) = project([self.o_proj], out_BTNH.reshape(B, T, N * H), keys[3:])
         return out, None if kv is None else (k, v)
 
 
@@ -327,7 +327,7 @@ class Llama(nnx.Module):
             body = jax.checkpoint(body, policy=policy)
         scan = layer_stack.scans_layers(self.cfg.scan_layers, L)
         xs = (state, keys, buffers)
-        return layer_stack.run(body, h, xs, L, scan=scan, unroll=self.cfg.scan_unroll)
+        return layer_stack.run(body, h, xs, L, scan=scan, unroll=self.cfg.scan_unroll, views=True)
 
     def output_projection(self):
         """-> (weight, vocab_major, dtype) when the LM head is one plain matmul, which

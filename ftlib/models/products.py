@@ -13,7 +13,8 @@ three methods, its backward split around the input it is given back:
     given dx's buffer when there is one (MKL's beta = 1: no separate add pass);
   param_grads(x_NI, params, saved, carry, g_NO) -> the params' gradients.
 A module offers its call as one through `as_product(rng)` -> (product, params), or None
-(a bias, dropout, an adapter that is not a product). Products run in MKL: the custom
+(a bias, dropout, an adapter that is not a product); a frozen weight under the layer
+stack comes as a LayerView, which the products read in place. Products run in MKL: the custom
 VJPs here apply on ftlib's CPU kernels only (fp32, one CPU device); elsewhere the
 modules' own calls run. When params are frozen their gradients are unused and XLA drops
 those products.
@@ -25,9 +26,9 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from ftlib import mkl_gemm, swiglu_backward
+from ftlib.layer_view import cotangent_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _found(modules, rngs):
 
 def _applies(inputs, params) -> bool:
     """MKL's products on these inputs and 2-D params."""
-    return all(jnp.ndim(p) == 2 for p in params) and mkl_gemm.applies(*inputs, *params)
+    return all(p.ndim == 2 for p in params) and mkl_gemm.applies(*inputs, *params)
 
 
 def shared_input_applies(x_TI, params) -> bool:
@@ -104,7 +105,7 @@ def _shared_bwd(products, res, gs):
         dx_NI, carry = product.input_grad(p, s, gs_NO[-1], dx_NI)
         carries.append(carry)
     grads = tuple(
-        tuple(product.param_grads(x_NI, p, s, c, g))
+        tuple(map(cotangent_like, p, product.param_grads(x_NI, p, s, c, g)))
         for product, p, s, c, g in zip(products, params, saved, carries, gs_NO, strict=True)
     )
     shape = (*gs[0].shape[:-1], x_NI.shape[-1])
@@ -152,7 +153,7 @@ def _swiglu_product_bwd(product, res, g_TO):
     dh_TF = dh_NF.reshape(gate_TF.shape)
     dgate, dup, h_TF = swiglu_backward.backward(gate_TF, up_TF, dh_TF, with_h=True)
     dparams = product.param_grads(h_TF.reshape(dh_NF.shape), params, saved, carry, g_NO)
-    return dgate, dup, tuple(dparams)
+    return dgate, dup, tuple(map(cotangent_like, params, dparams))
 
 
 swiglu_product.defvjp(_swiglu_product_fwd, _swiglu_product_bwd)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftlib import mkl_gemm
+from ftlib.layer_view import cotangent_like
 from ftlib.models.layers import Linear, accumulation_dtype, dot, einsum, param
 from ftlib.peft.surgery import replace_modules
 
@@ -59,7 +60,7 @@ class LoRALinear(nnx.Module):
         Linear casts): accumulated into the base product where MKL runs the products,
         inside it where adapter_in_base_product says; else None (two products and an
         add). A stacked [layers, ...] kernel always takes the two products."""
-        kernel = self.base.kernel[...]
+        kernel = self.base.kernel.get_value()  # a LayerView stays one (layer_stack)
         if kernel.ndim != 2:
             return None
         dt = self.base.dtype
@@ -77,7 +78,7 @@ class LoRALinear(nnx.Module):
         """-> (product, params) for ftlib.models.products: this layer's call as an
         AccumulatedProduct; None with a bias, with dropout active, where the adapter is
         not accumulated, or in a subclass with a call of its own (DoRA)."""
-        kernel = self.base.kernel[...]
+        kernel = self.base.kernel.get_value()  # a LayerView stays one (layer_stack)
         dropping = self.dropout != 0 and rng is not None  # as in `dropout`
         own_call = type(self).__call__ is not LoRALinear.__call__
         if self.base.bias is not None or dropping or own_call:
@@ -90,9 +91,8 @@ class LoRALinear(nnx.Module):
     def _factors(self):
         """(W, A, B) in the layer's compute dtype, as Linear casts."""
         dt = self.base.dtype
-        return tuple(
-            f.astype(dt) for f in (self.base.kernel[...], self.lora_a[...], self.lora_b[...])
-        )
+        factors = (self.base.kernel.get_value(), self.lora_a[...], self.lora_b[...])
+        return tuple(f.astype(dt) for f in factors)
 
     def lora_path(self, x):
         """scale * x A^T B for the (already dropped-out) input x."""
@@ -223,6 +223,7 @@ def _accumulated_product_bwd(scale, res, g_TO):
         dx_ND = mkl_gemm.gemm(g_NO, w_DO, transpose_b=True)
         dxd_TD = mkl_gemm.gemm(dxa_NR, a_RD).reshape(xd_TD.shape)
         grads = (mkl_gemm.gemm(x_ND, g_NO, transpose_a=True), da_RD, db_RO)
+    grads = map(cotangent_like, params, grads)  # a frozen W may be a LayerView
     return (dx_ND.reshape(*g_TO.shape[:-1], x_ND.shape[-1]), dxd_TD, *grads)
 
 
