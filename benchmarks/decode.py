@@ -38,7 +38,9 @@ def main():
     import jax
     import paired_ab
 
-    paired_ab.VARIANTS[args.variant]().__enter__()  # for the whole process
+    # Entered for the whole process; held, since collecting it would undo its patches.
+    variant = paired_ab.VARIANTS[args.variant]()
+    variant.__enter__()
 
     from configs import default
     from ftlib import generate as gen
