@@ -223,7 +223,7 @@ def _sliced_frozen_weights(scan_layers=None):
     stack = contextlib.ExitStack()
     if scan_layers is not None:
         stack.enter_context(_config_override(scan_layers=scan_layers))
-    none = lambda xs: [False] * len(jax.tree.leaves(xs))  # noqa: E731
+    none = lambda h, xs: [False] * len(jax.tree.leaves(xs))  # noqa: E731
     stack.enter_context(_patched(layer_stack, "viewed", none))
     return stack
 

@@ -117,17 +117,18 @@ def test_llama_gradients_under_the_scan_match_the_loop(monkeypatch, method, inpu
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_lora_reads_frozen_weights_in_place(monkeypatch, scan):
-    """Under LoRA the frozen projections reach MKL's products as LayerViews of their
-    stacks (no per-layer copies), with the gradients of sliced weights."""
+@pytest.mark.parametrize("method, scan", [("lora", False), ("lora", True), ("prompt", True)])
+def test_frozen_weights_are_read_in_place(monkeypatch, method, scan):
+    """Under LoRA (and prompt tuning, where only the layers' input trains) the frozen
+    projections reach MKL's products as LayerViews of their stacks (no per-layer
+    copies), with the gradients of sliced weights."""
     if not mkl_gemm.applies(jnp.ones((2, 2))):
         pytest.skip("MKL's products do not run here")
-    grad, params = _grad_fn("lora", scan)
+    grad, params = _grad_fn(method, scan)
     hlo = jax.jit(grad).lower(params).as_text()
     got = grad(params)
-    monkeypatch.setattr(layer_stack, "viewed", lambda xs: [False] * len(jax.tree.leaves(xs)))
-    grad, params = _grad_fn("lora", scan)
+    monkeypatch.setattr(layer_stack, "viewed", lambda h, xs: [False] * len(jax.tree.leaves(xs)))
+    grad, params = _grad_fn(method, scan)
     assert "ftlib_sgemm_layer" in hlo
     assert "ftlib_sgemm_layer" not in jax.jit(grad).lower(params).as_text()
     want = grad(params)

@@ -78,13 +78,17 @@ def test_viewed_leaves_are_frozen_stacks_of_matrices():
     xs = {"frozen": stack, "trained": stack + 1, "norm": stack[:, 0], "keys": None}
     seen = []
 
-    def loss(trained):
-        seen.append(layer_stack.viewed(dict(xs, trained=trained)))
-        return jnp.sum(trained)
+    def loss(h, trained, norm):
+        seen.append(layer_stack.viewed(h, dict(xs, trained=trained, norm=norm)))
+        return jnp.sum(h) + jnp.sum(trained) + jnp.sum(norm)
 
-    jax.grad(loss)(xs["trained"])
-    loss(xs["trained"])  # no autodiff: nothing known, nothing viewed
+    args = (x, xs["trained"], xs["norm"])
+    jax.grad(loss, argnums=1)(*args)  # a stack trains
+    jax.grad(loss, argnums=0)(*args)  # only the layers' input trains (prompt tuning)
+    jax.grad(loss, argnums=2)(*args)  # only a vector trains (IA3, BitFit)
+    loss(*args)  # no autodiff: nothing known, nothing viewed
     with layer_stack.forward_only():  # declared: nothing differentiates
-        loss(xs["trained"])
+        loss(*args)
     # Leaves in key order: frozen, norm, trained.
-    assert seen == [[True, False, False], [False, False, False], [True, False, True]]
+    both = [True, False, True]
+    assert seen == [[True, False, False], both, both, [False, False, False], both]

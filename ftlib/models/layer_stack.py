@@ -89,7 +89,7 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1, views: boo
     loop's split would be a copy of it, forward and backward, every step. Paired LoRA
     steps of SmolLM2-135M's shape under the scan: 1.047 for the copies; llama-small's
     loop 1.004; greedy decoding with the KV cache 1.6-1.9x faster (benchmarks/README.md)."""
-    views = viewed(xs) if views else [False] * len(jax.tree.leaves(xs))
+    views = viewed(h, xs) if views else [False] * len(jax.tree.leaves(xs))
     if scan:
         xs, with_views = _scanned_without_views(xs, views, num_layers)
         if num_layers > 1 and input_differentiated(h, xs) is False:
@@ -113,25 +113,28 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1, views: boo
     return h, jax.tree.map(lambda *y: jnp.stack(y), *ys) if ys else None
 
 
-def viewed(xs) -> list[bool]:
+def viewed(h, xs) -> list[bool]:
     """Per leaf of xs: whether its layers go as LayerViews. Stacks of matrices (ndim 3)
     that autodiff, tracing now, does not differentiate (all of them under
     `forward_only`), where MKL runs their products (which read views in place:
     ftlib.mkl_gemm). Elsewhere (an accelerator, a sharded step, no autodiff or not
-    known) the layers get slices, as everything else does."""
+    known) the layers get slices, as everything else does. The probe also takes h and
+    the other floating leaves: JAX runs it only where one of its inputs is
+    differentiated, which under prompt tuning is h alone, under IA3 or BitFit a vector."""
     leaves = jax.tree.leaves(xs)
-    candidates = [
-        jnp.ndim(x) == 3 and jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves
-    ]
+    floating = [jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves]
+    candidates = [f and jnp.ndim(x) == 3 for x, f in zip(leaves, floating)]
     if not any(candidates) or not mkl_gemm.applies(*(x for x, c in zip(leaves, candidates) if c)):
         return [False] * len(leaves)
-    trained = differentiated_leaves([x for x, c in zip(leaves, candidates) if c])
+    probed = [x for x, f in zip(leaves, floating) if f]
+    trained = differentiated_leaves([h, *probed])
     if trained is None and _FORWARD_ONLY.get():
-        trained = [False] * sum(candidates)
+        trained = [False] * (1 + len(probed))
     if trained is None:
         return [False] * len(leaves)
-    it = iter(trained)
-    return [c and not next(it) for c in candidates]
+    trained_of = iter(trained[1:])
+    differentiated = [next(trained_of) if f else False for f in floating]
+    return [c and not d for c, d in zip(candidates, differentiated)]
 
 
 def _scanned_without_views(xs, views, num_layers: int):
