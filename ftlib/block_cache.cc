@@ -132,6 +132,18 @@ bool SucceededInUse(const Block& b) {
   return false;
 }
 
+// Unmaps block b and frees its slot (the caller holds the lock).
+void Unmap(Block& b) {
+  munmap(b.base, b.size);
+  b = Block();
+}
+
+// Unmaps every block not in use but `keep` (the caller holds the lock).
+void UnmapUnused(const Block* keep) {
+  for (Block& b : blocks)
+    if (b.base && !b.in_use && &b != keep) Unmap(b);
+}
+
 // A block of at least `size` bytes, or nullptr to leave the request to glibc.
 void* Take(size_t size) {
   const size_t want = RoundUp(size, kHugePage);
@@ -150,13 +162,9 @@ void* Take(size_t size) {
     if (!best) best = BestFit(want);
   }
   if (!best) {
-    for (Block& b : blocks) {
-      if (b.base && !b.in_use) {
-        munmap(b.base, b.size);
-        b = Block();
-      }
+    UnmapUnused(nullptr);
+    for (Block& b : blocks)
       if (!best && !b.base) best = &b;
-    }
     char* base = best ? MapAligned(want) : nullptr;
     if (!base) {
       pthread_mutex_unlock(&lock);
@@ -194,15 +202,9 @@ void free(void* p) {
   if (Block* b = Lookup(p)) {
     pthread_mutex_lock(&lock);
     if (SucceededInUse(*b)) {
-      munmap(b->base, b->size);
-      *b = Block();
+      Unmap(*b);
     } else {
-      for (Block& other : blocks) {  // one unused block at most: the latest freed
-        if (other.base && !other.in_use && &other != b) {
-          munmap(other.base, other.size);
-          other = Block();
-        }
-      }
+      UnmapUnused(b);  // one unused block at most: the latest freed
       b->in_use = false;
     }
     pthread_cond_broadcast(&freed);

@@ -90,24 +90,23 @@ def run(body, h, xs, num_layers: int, *, scan: bool, unroll: int = 1, views: boo
     steps of SmolLM2-135M's shape under the scan: 1.047 for the copies; llama-small's
     loop 1.004; greedy decoding with the KV cache 1.6-1.9x faster (benchmarks/README.md)."""
     views = viewed(h, xs) if views else [False] * len(jax.tree.leaves(xs))
+    layer_of = _layer_with_views(xs, views)
     if scan:
-        xs, with_views = _scanned_without_views(xs, views, num_layers)
+        if any(views):  # the viewed stacks are not sliced; the body gets the layer index
+            leaves = jax.tree.leaves(xs)
+            scanned = [None if v else x for x, v in zip(leaves, views)]
+            xs = (scanned, jnp.arange(num_layers, dtype=jnp.int32))
         if num_layers > 1 and input_differentiated(h, xs) is False:
             first = jnp.arange(num_layers) == 0
             step = lambda h, layer: _input_grad_skipped_at_first(  # noqa: E731
-                body, h, with_views(layer[0]), layer[1]
+                body, h, layer_of(layer[0]), layer[1]
             )
             return jax.lax.scan(step, h, (xs, first), unroll=unroll)
-        return jax.lax.scan(lambda h, layer: body(h, with_views(layer)), h, xs, unroll=unroll)
+        return jax.lax.scan(lambda h, layer: body(h, layer_of(layer)), h, xs, unroll=unroll)
     ys = []
-    leaves, treedef = jax.tree.flatten(xs)
     for i, layer in enumerate(layer_slices(xs, num_layers)):
         if any(views):  # the split's parts these replace are dead code, which XLA drops
-            index = jnp.asarray(i, jnp.int32)
-            parts = jax.tree.leaves(layer)
-            layer = treedef.unflatten(
-                [LayerView(x, index) if v else p for x, p, v in zip(leaves, parts, views)]
-            )
+            layer = layer_of((jax.tree.leaves(layer), jnp.asarray(i, jnp.int32)))
         h, y = body(h, layer)
         ys.append(y)
     return h, jax.tree.map(lambda *y: jnp.stack(y), *ys) if ys else None
@@ -137,28 +136,30 @@ def viewed(h, xs) -> list[bool]:
     return [c and not d for c, d in zip(candidates, differentiated)]
 
 
-def _scanned_without_views(xs, views, num_layers: int):
-    """-> (what the scan slices: xs without the viewed leaves, plus the layer index;
-    with_views(its slices) -> the layer, viewed leaves as LayerViews of their stacks)."""
-    leaves, treedef = jax.tree.flatten(xs)
+def _layer_with_views(xs, views):
+    """-> layer_of: the layer from (its slices of the leaves of xs, in order, a viewed
+    leaf's None or unused; the layer index), each viewed leaf a LayerView of its stack.
+    Where nothing is viewed the layer is xs's slice itself, returned as it is."""
     if not any(views):
-        return xs, lambda layer: layer
-    stacks = [x if v else None for x, v in zip(leaves, views)]
-    scanned = [None if v else x for x, v in zip(leaves, views)]
+        return lambda layer: layer
+    leaves, treedef = jax.tree.flatten(xs)
 
-    def with_views(layer):
+    def layer_of(layer):
         parts, index = layer
         return treedef.unflatten(
-            [p if s is None else LayerView(s, index) for p, s in zip(parts, stacks)]
+            [LayerView(x, index) if v else p for x, p, v in zip(leaves, parts, views)]
         )
 
-    return (scanned, jnp.arange(num_layers, dtype=jnp.int32)), with_views
+    return layer_of
 
 
 def differentiated_leaves(leaves) -> list[bool] | None:
     """Per array of `leaves`: whether reverse-mode autodiff, tracing this call now,
-    needs its gradient; None where that is not known here (as `input_differentiated`,
-    whose probe this is, per leaf)."""
+    needs its gradient; None where that is not known here (no autodiff, autodiff of an
+    already traced function, as under jax.checkpoint of the whole model, or no leaf
+    differentiated at all). Asked through a custom JVP rule with symbolic zeros: JAX
+    calls it while it traces, where some leaf is differentiated, with a symbolic zero
+    for each tangent of a leaf that depends on nothing differentiated."""
     seen = []
 
     @jax.custom_jvp
@@ -176,25 +177,10 @@ def differentiated_leaves(leaves) -> list[bool] | None:
 
 def input_differentiated(x, params) -> bool | None:
     """Whether reverse-mode autodiff, tracing this call now, needs the gradient of x:
-    True or False where it differentiates some leaf of `params`; None where that is not
-    known here (no autodiff, or autodiff of an already traced function, as under
-    jax.checkpoint of the whole model). Asked through a custom JVP rule with symbolic
-    zeros: JAX calls it while it traces, with a symbolic zero for x's tangent when x
-    depends on nothing differentiated."""
-    seen = []
-
-    @jax.custom_jvp
-    def probe(x, params):
-        del params
-        return x
-
-    def rule(primals, tangents):
-        seen.append(not isinstance(tangents[0], SymbolicZero))
-        return primals[0], tangents[0] if seen[-1] else jnp.zeros_like(primals[0])
-
-    probe.defjvp(rule, symbolic_zeros=True)
-    probe(x, params)
-    return seen[0] if seen else None
+    True or False where it differentiates some leaf of `params` (or x); None where that
+    is not known here (`differentiated_leaves`)."""
+    seen = differentiated_leaves([x, *jax.tree.leaves(params)])
+    return None if seen is None else seen[0]
 
 
 def _is_primal(p) -> bool:
