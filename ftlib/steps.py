@@ -161,8 +161,9 @@ def make_eval_step(graphdef, choice_token_ids=None, objective: str = "causal_lm"
     """(params, frozen, batch) -> metric sums over the batch's real rows.
 
     sequence_classification: the head's cross-entropy and accuracy (class_sums).
-    Label-word classification (choice_token_ids given): the next-token distribution
-    at `choice_pos` scores each label word; `nll` is the gold label word's NLL.
+    Label-word classification (choice_token_ids given; rows packed with per-example
+    slots, data.pipeline.eval_batches): the next-token distribution at each example's
+    `choice_pos` scores each label word; `nll` is the gold label word's NLL.
     Otherwise: masked next-token NLL / accuracy over all completion tokens."""
     _check_objective(objective)
 
@@ -174,19 +175,22 @@ def make_eval_step(graphdef, choice_token_ids=None, objective: str = "causal_lm"
             return class_sums(model, batch, w_B)
         if choice_token_ids is None:
             return next_token_sums(model, _hidden(model, batch), batch, w_B)
+        # Packed rows (data.pipeline.eval_batches): E example slots, each at its row and
+        # the position that predicts its label word.
         h_BTD = _hidden(model, batch)
-        h_BD = jnp.take_along_axis(h_BTD, batch["choice_pos"][:, None, None], axis=1)
-        logp_BV = jax.nn.log_softmax(model.logits(h_BD)[:, 0].astype(jnp.float32), axis=-1)
-        logp_BC = logp_BV[:, jnp.asarray(choice_token_ids)]
-        gold_nll_B = -jnp.take_along_axis(logp_BC, batch["label"][:, None], axis=1)[:, 0]
-        correct_B = jnp.argmax(logp_BC, axis=-1) == batch["label"]
-        gold_token_B = jnp.asarray(choice_token_ids)[batch["label"]]
-        token_correct_B = jnp.argmax(logp_BV, axis=-1) == gold_token_B  # over the whole vocab
+        h_ED = h_BTD[batch["example_row"], batch["choice_pos"]]
+        w_E, label_E = batch["example_weight"], batch["label"]
+        logp_EV = jax.nn.log_softmax(model.logits(h_ED).astype(jnp.float32), axis=-1)
+        logp_EC = logp_EV[:, jnp.asarray(choice_token_ids)]
+        gold_nll_E = -jnp.take_along_axis(logp_EC, label_E[:, None], axis=1)[:, 0]
+        correct_E = jnp.argmax(logp_EC, axis=-1) == label_E
+        gold_token_E = jnp.asarray(choice_token_ids)[label_E]
+        token_correct_E = jnp.argmax(logp_EV, axis=-1) == gold_token_E  # over the whole vocab
         return {
-            "nll": jnp.sum(gold_nll_B * w_B),
-            "correct": jnp.sum(correct_B * w_B),
-            "token_correct": jnp.sum(token_correct_B * w_B),
-            "tokens": jnp.sum(w_B),
+            "nll": jnp.sum(gold_nll_E * w_E),
+            "correct": jnp.sum(correct_E * w_E),
+            "token_correct": jnp.sum(token_correct_E * w_E),
+            "tokens": jnp.sum(w_E),
         }
 
     return eval_step

@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from ftlib.data import DataError, choice_token_ids, load_task
+from ftlib.data import DataError, choice_token_ids, load_task, pipeline
 from ftlib.data import splits as splits_lib
 
 WORDS = (
@@ -422,9 +422,14 @@ def test_packing(tok, tmp_path):
     assert segments > 20  # Several examples share a row.
 
 
-def test_eval_batches_filler_and_order(tok, tmp_path):
-    cfg = make_cfg(path=write_jsonl(tmp_path / "d.jsonl", reviews(50)), split=(0.5, 0.5, 0.0))
+def test_eval_batches_one_example_per_row_for_a_class_head(tok, tmp_path):
+    cfg = make_cfg(
+        format="sequence_classification",
+        path=write_jsonl(tmp_path / "d.jsonl", reviews(50)),
+        split=(0.5, 0.5, 0.0),
+    )
     task = load_task(cfg, tok)
+    assert task.eval_row_len() == 0
     n = len(task.examples["val"])
     batches = list(task.eval_batches("val", 8))
     assert len(batches) == -(-n // 8) and all(b["input_ids"].shape[0] == 8 for b in batches)
@@ -438,12 +443,66 @@ def test_eval_batches_filler_and_order(tok, tmp_path):
     np.testing.assert_array_equal(labels, [e["label"] for e in by_length])
     lengths = [int((b["segment_ids"] > 0).sum(1).max()) for b in batches]
     assert lengths == sorted(lengths)
-    again = list(task.eval_batches("val", 8))
-    for a, b in zip(batches, again):
-        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     capped = list(task.eval_batches("val", 8, max_examples=5))
     assert len(capped) == 1 and capped[0]["weight"].sum() == 5
     assert list(task.eval_batches("test", 8)) == []
+
+
+def segments(batch):
+    """(row, segment id, its tokens) of every example in a batch."""
+    out = []
+    for r, seg in enumerate(batch["segment_ids"]):
+        for s in np.unique(seg[seg > 0]):
+            out.append((r, int(s), tuple(batch["input_ids"][r][seg == s])))
+    return out
+
+
+def test_eval_batches_pack_a_causal_lm(tok, tmp_path):
+    cfg = make_cfg(path=write_jsonl(tmp_path / "d.jsonl", reviews(60)), split=(0.4, 0.3, 0.3))
+    task = load_task(cfg, tok)
+    row_len = task.eval_row_len()
+    assert row_len % 4 == 0 and row_len - 4 < task.stats["max_tokens"] <= row_len
+    choices = task.choice_token_ids
+    for split in ("val", "test"):
+        examples = task.examples[split]
+        batches = list(task.eval_batches(split, 4))
+        # One shape for every split's batches; several examples share a row.
+        assert {b["input_ids"].shape for b in batches} == {(4, row_len)}
+        assert sum(b["weight"].sum() for b in batches) < len(examples)
+        pieces = []
+        for b in batches:
+            check_rows(b, tok.pad_token_id)
+            slots = b["example_weight"] > 0
+            assert len(slots) % 4 == 0 and slots.sum() == len(segments(b))
+            assert not b["segment_ids"][b["weight"] == 0].any()
+            # Each slot points at its own example's label-word prediction.
+            row, pos = b["example_row"][slots], b["choice_pos"][slots]
+            assert len(set(zip(row, pos))) == len(row)
+            np.testing.assert_array_equal(b["input_ids"][row, pos + 1], choices[b["label"][slots]])
+            np.testing.assert_array_equal(
+                b["segment_ids"][row, pos], b["segment_ids"][row, pos + 1]
+            )
+            assert (b["segment_ids"][row, pos] > 0).all()
+            pieces += [p for _, _, p in segments(b)]
+        # Every example exactly once.
+        assert sorted(pieces) == sorted(tuple(e["input_ids"]) for e in examples)
+        again = list(task.eval_batches(split, 4))
+        for a, b in zip(batches, again):
+            np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    capped = list(task.eval_batches("val", 4, max_examples=5))
+    assert sum(b["example_weight"].sum() for b in capped) == 5
+    task.examples["test"] = []
+    assert list(task.eval_batches("test", 4)) == []
+
+
+def test_packed_rows_best_fit_decreasing():
+    lengths = np.random.default_rng(0).integers(1, 40, 500)
+    rows = pipeline.packed_rows(lengths, 48)
+    assert sorted(i for r in rows for i in r) == list(range(500))
+    assert all(lengths[r].sum() <= 48 for r in rows)
+    # Best-fit decreasing uses at most 11/9 of the fewest rows possible, plus one.
+    assert len(rows) <= 11 / 9 * -(-lengths.sum() // 48) + 1
+    assert pipeline.packed_rows(np.array([5, 3, 2]), 5) == [[0], [1, 2]]
 
 
 @pytest.mark.parametrize("pack,group", [(False, 0), (True, 0), (False, 2)])

@@ -56,7 +56,7 @@ class Task:
         )
 
     def eval_batches(self, split: str, batch_size: int, max_examples: int = 0):
-        """Finite batches of `split`, length-sorted, with `weight` (0 = filler row).
+        """Finite batches of `split` (pipeline.eval_batches), packed for a causal LM.
 
         max_examples > 0 evaluates a fixed random subset of that size (not the first rows,
         whose order may follow the source's sorting), kept in the split's order.
@@ -71,7 +71,17 @@ class Task:
             pad_id=self.pad_id,
             seq_len=self.seq_len,
             pad_to_multiple=self.pad_to_multiple,
+            row_len=self.eval_row_len(),
         )
+
+    def eval_row_len(self) -> int:
+        """Tokens per packed eval row: the longest example of any split rounded up to
+        pad_to_multiple (so that every split's batches share a shape), at most seq_len.
+        0 for an encoder's class head, which reads one example per row (unpacked)."""
+        if self.num_classes and self.choice_token_ids is None:
+            return 0
+        longest, multiple = self.stats["max_tokens"], self.pad_to_multiple
+        return min(self.seq_len, -(-longest // multiple) * multiple) if multiple else self.seq_len
 
 
 def load_task(data_cfg, tokenizer) -> Task:
