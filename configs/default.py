@@ -132,7 +132,9 @@ def get_config(arg=None):
     c.data.prompt_template = "Review: {text}\nSentiment:"  # classification prompt
     c.data.label_words = ("negative", "positive")  # class i -> completion ' ' + label_words[i]
     c.data.seq_len = 128  # max tokens per row
-    c.data.pad_to_multiple = 16  # pad batches to their longest row, rounded up (0 = seq_len)
+    # Train batches pad to their longest row rounded up to this; eval packs examples into
+    # rows of the longest example rounded up to it (0 = seq_len for both).
+    c.data.pad_to_multiple = 16
     c.data.pack = False  # pack several examples per row (text / prompt_completion)
     c.data.group_by_length = (
         16  # batch similar lengths within windows of this many batches (0 = off)
@@ -141,7 +143,9 @@ def get_config(arg=None):
     c.data.split_seed = 0
     c.data.shuffle_seed = 0
     c.data.batch_size = 8  # global batch (rows per step)
-    c.data.eval_batch_size = 32
+    # Rows per eval batch. A causal LM's rows are packed (~2.4 snippets each here): 16 rows
+    # of 80 tokens ran 4-8% faster than 32 on 2 CPU cores (benchmarks/README.md).
+    c.data.eval_batch_size = 16
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 50  # steps between val evals

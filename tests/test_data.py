@@ -503,6 +503,8 @@ def test_packed_rows_best_fit_decreasing():
     # Best-fit decreasing uses at most 11/9 of the fewest rows possible, plus one.
     assert len(rows) <= 11 / 9 * -(-lengths.sum() // 48) + 1
     assert pipeline.packed_rows(np.array([5, 3, 2]), 5) == [[0], [1, 2]]
+    with pytest.raises(ValueError, match="6 tokens"):
+        pipeline.packed_rows(np.array([6]), 5)
 
 
 @pytest.mark.parametrize("pack,group", [(False, 0), (True, 0), (False, 2)])

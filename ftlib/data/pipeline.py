@@ -197,6 +197,8 @@ def packed_rows(lengths: np.ndarray, row_len: int) -> list[list[int]]:
     (longest example first, each into the fullest row it fits). Offline, it packs
     tighter than the training stream's first fit: the default run's test split takes
     1.03x its real tokens, against 1.34x as length-sorted rows padded to multiples of 16."""
+    if len(lengths) and lengths.max() > row_len:
+        raise ValueError(f"an example of {lengths.max()} tokens does not fit rows of {row_len}")
     rows: list[list[int]] = []
     by_space = [[] for _ in range(row_len + 1)]  # free tokens -> rows with exactly that many
     has_space = np.zeros(row_len + 1, bool)
