@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct + LoRA on Rotten Tomatoes snippets, sentiment as generation.
 
 "Review: <snippet>\nSentiment:" -> " positive" / " negative"; accuracy compares the
-likelihood of the two label words. About 6 minutes on 2 CPU cores.
+likelihood of the two label words. About 3 minutes on 2 CPU cores once its steps are
+compiled (the persistent compilation cache keeps them; a first run also compiles).
 
   python train.py --config=configs/default.py --workdir=runs/default
 
