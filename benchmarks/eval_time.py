@@ -18,13 +18,11 @@ import pathlib
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
 def sorted_batches(task, rows: int) -> list[dict]:
-    """One example per row, in the eval step's per-example slots (slot i = row i)."""
+    """One example per row, in the eval step's per-row example slots (one each)."""
     from ftlib.data import pipeline
 
     batches = []
@@ -35,8 +33,8 @@ def sorted_batches(task, rows: int) -> list[dict]:
         seq_len=task.seq_len,
         pad_to_multiple=task.pad_to_multiple,
     ):
-        b["example_row"] = np.arange(rows, dtype=np.int32)
-        b["example_weight"] = b["weight"]
+        b["choice_pos"], b["label"] = b["choice_pos"][:, None], b["label"][:, None]
+        b["example_weight"] = b["weight"][:, None]
         batches.append(b)
     return batches
 

@@ -145,7 +145,7 @@ def get_config(arg=None):
     c.data.shuffle_seed = 0
     c.data.batch_size = 8  # global batch (rows per step)
     # Rows per eval batch. A causal LM's rows are packed (~2.4 snippets each here): 16 rows
-    # of 80 tokens ran 4-8% faster than 32 on 2 CPU cores (benchmarks/README.md).
+    # of 80 tokens ran ~3% faster than 32 on 2 CPU cores (benchmarks/README.md).
     c.data.eval_batch_size = 16
 
     c.eval = ml_collections.ConfigDict()

@@ -49,8 +49,8 @@ def init_train_state(model: nnx.Module, mask, tx, frozen_dtype: str = ""):
 def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0):
     """Sums of masked next-token NLL, correct predictions and target count.
 
-    Position t predicts input_ids[t+1], weighted by loss_mask[t+1] (the last
-    position has no target: weight 0). With max_targets > 0 only the first
+    Position t predicts input_ids[t+1], weighted by loss_mask[t+1] where both lie in
+    one segment (a row's last position, and a packed segment's, have no target). With max_targets > 0 only the first
     max_targets target positions of each row go through the LM head (the caller
     guarantees no row has more): for short completions such as class labels this
     skips almost all of the [B,T,V] logits. A plain LM head is fused with the loss
@@ -58,7 +58,10 @@ def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0
     """
     last = ((0, 0), (0, 1))
     targets_BT = jnp.pad(batch["input_ids"][:, 1:], last)
-    w_BT = jnp.pad(batch["loss_mask"][:, 1:].astype(jnp.float32), last)
+    # In a packed row, a segment's last position would predict the next one's first token.
+    seg_BT = batch["segment_ids"]
+    same_segment_BT = jnp.pad(seg_BT[:, 1:] == seg_BT[:, :-1], last)
+    w_BT = jnp.pad(batch["loss_mask"][:, 1:].astype(jnp.float32), last) * same_segment_BT
     if max_targets:
         order_BK = jnp.argsort(-w_BT, axis=1, stable=True)[:, :max_targets]
         h_BTD = jnp.take_along_axis(h_BTD, order_BK[..., None], axis=1)
@@ -161,8 +164,8 @@ def make_eval_step(graphdef, choice_token_ids=None, objective: str = "causal_lm"
     """(params, frozen, batch) -> metric sums over the batch's real rows.
 
     sequence_classification: the head's cross-entropy and accuracy (class_sums).
-    Label-word classification (choice_token_ids given; rows packed with per-example
-    slots, data.pipeline.eval_batches): the next-token distribution at each example's
+    Label-word classification (choice_token_ids given; rows packed with per-row
+    example slots, data.pipeline.eval_batches): the next-token distribution at each example's
     `choice_pos` scores each label word; `nll` is the gold label word's NLL.
     Otherwise: masked next-token NLL / accuracy over all completion tokens."""
     _check_objective(objective)
@@ -175,22 +178,22 @@ def make_eval_step(graphdef, choice_token_ids=None, objective: str = "causal_lm"
             return class_sums(model, batch, w_B)
         if choice_token_ids is None:
             return next_token_sums(model, _hidden(model, batch), batch, w_B)
-        # Packed rows (data.pipeline.eval_batches): E example slots, each at its row and
-        # the position that predicts its label word.
+        # Packed rows (data.pipeline.eval_batches): K example slots per row, each at the
+        # position that predicts its label word; gathered per row, so rows stay sharded.
         h_BTD = _hidden(model, batch)
-        h_ED = h_BTD[batch["example_row"], batch["choice_pos"]]
-        w_E, label_E = batch["example_weight"], batch["label"]
-        logp_EV = jax.nn.log_softmax(model.logits(h_ED).astype(jnp.float32), axis=-1)
-        logp_EC = logp_EV[:, jnp.asarray(choice_token_ids)]
-        gold_nll_E = -jnp.take_along_axis(logp_EC, label_E[:, None], axis=1)[:, 0]
-        correct_E = jnp.argmax(logp_EC, axis=-1) == label_E
-        gold_token_E = jnp.asarray(choice_token_ids)[label_E]
-        token_correct_E = jnp.argmax(logp_EV, axis=-1) == gold_token_E  # over the whole vocab
+        h_BKD = jnp.take_along_axis(h_BTD, batch["choice_pos"][..., None], axis=1)
+        w_BK, label_BK = batch["example_weight"], batch["label"]
+        logp_BKV = jax.nn.log_softmax(model.logits(h_BKD).astype(jnp.float32), axis=-1)
+        logp_BKC = logp_BKV[..., jnp.asarray(choice_token_ids)]
+        gold_nll_BK = -jnp.take_along_axis(logp_BKC, label_BK[..., None], axis=-1)[..., 0]
+        correct_BK = jnp.argmax(logp_BKC, axis=-1) == label_BK
+        gold_token_BK = jnp.asarray(choice_token_ids)[label_BK]
+        token_correct_BK = jnp.argmax(logp_BKV, axis=-1) == gold_token_BK  # whole vocab
         return {
-            "nll": jnp.sum(gold_nll_E * w_E),
-            "correct": jnp.sum(correct_E * w_E),
-            "token_correct": jnp.sum(token_correct_E * w_E),
-            "tokens": jnp.sum(w_E),
+            "nll": jnp.sum(gold_nll_BK * w_BK),
+            "correct": jnp.sum(correct_BK * w_BK),
+            "token_correct": jnp.sum(token_correct_BK * w_BK),
+            "tokens": jnp.sum(w_BK),
         }
 
     return eval_step

@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
 from ftlib import masks, optim, peft, sharding, steps  # noqa: E402
+from ftlib.data import pipeline  # noqa: E402
 from ftlib.errors import FtlibError  # noqa: E402
 from ftlib.models.llama import Llama  # noqa: E402
 
@@ -39,6 +40,7 @@ RULES = tuple(default.get_config().sharding_rules)
 METHODS = ("full", "lora", "prefix")
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4))  # (data, fsdp, tensor)
 N_STEPS, BATCH, SEQ = 3, 8, 16
+EVAL_CHOICES = np.array([5, 9], np.int32)  # label words' token ids for the eval check
 
 
 def peft_cfg(method):
@@ -139,9 +141,47 @@ def batch_report(mesh_shape):
     return report
 
 
+def eval_report(mesh_shape):
+    """Label-word eval sums over packed batches (data.pipeline.eval_batches) on this
+    mesh, and whether the compiled eval step gathers anything across devices."""
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    mask = peft.apply_method(model, peft_cfg("lora"), seed=0)
+    graphdef, params, frozen = nnx.split(model, mask.filter, ...)
+    params_sh = sharding.tree_shardings(params, mesh, RULES)
+    frozen_sh = sharding.tree_shardings(frozen, mesh, RULES)
+    params, frozen = jax.device_put(params, params_sh), jax.device_put(frozen, frozen_sh)
+    step = jax.jit(
+        steps.make_eval_step(graphdef, EVAL_CHOICES),
+        in_shardings=(params_sh, frozen_sh, sharding.batch_sharding(mesh)),
+    )
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(40):
+        label = int(rng.integers(2))
+        ids = np.append(rng.integers(10, CFG.vocab_size, rng.integers(2, 12)), EVAL_CHOICES[label])
+        examples.append(
+            dict(input_ids=ids.astype(np.int32), loss_mask=np.zeros(len(ids), np.int32),
+                 label=label, choice_pos=len(ids) - 2)
+        )  # fmt: skip
+    batches = [
+        sharding.put_batch(b, mesh)
+        for b in pipeline.eval_batches(
+            examples, BATCH, pad_id=0, seq_len=SEQ, pad_to_multiple=0, row_len=SEQ, slots_per_row=5
+        )
+    ]
+    sums = [step(params, frozen, b) for b in batches]
+    hlo = step.lower(params, frozen, batches[0]).compile().as_text()
+    return {
+        "sums": {k: float(sum(s[k] for s in sums)) for k in sums[0]},
+        "all_gather": "all-gather" in hlo,
+    }
+
+
 def main(out_dir):
     assert jax.device_count() == 8, jax.devices()
-    results = {"runs": {}, "batch": {}}
+    results = {"runs": {}, "batch": {}, "eval": {}}
     arrays = {}
     for method in METHODS:
         for mesh_shape in MESHES:
@@ -151,6 +191,8 @@ def main(out_dir):
             arrays.update({f"{key}|{name}": v for name, v in params_np.items()})
     for mesh_shape in MESHES[1:]:
         results["batch"][",".join(map(str, mesh_shape))] = batch_report(mesh_shape)
+    for mesh_shape in MESHES:
+        results["eval"][",".join(map(str, mesh_shape))] = eval_report(mesh_shape)
     np.savez(os.path.join(out_dir, "params.npz"), **arrays)
     print(json.dumps(results))
 

@@ -473,16 +473,19 @@ def test_eval_batches_pack_a_causal_lm(tok, tmp_path):
         for b in batches:
             check_rows(b, tok.pad_token_id)
             slots = b["example_weight"] > 0
-            assert len(slots) % 4 == 0 and slots.sum() == len(segments(b))
+            assert slots.shape == (4, task.eval_row_len() // task.stats["min_tokens"])
             assert not b["segment_ids"][b["weight"] == 0].any()
-            # Each slot points at its own example's label-word prediction.
-            row, pos = b["example_row"][slots], b["choice_pos"][slots]
-            assert len(set(zip(row, pos))) == len(row)
-            np.testing.assert_array_equal(b["input_ids"][row, pos + 1], choices[b["label"][slots]])
-            np.testing.assert_array_equal(
-                b["segment_ids"][row, pos], b["segment_ids"][row, pos + 1]
-            )
-            assert (b["segment_ids"][row, pos] > 0).all()
+            for r in range(4):
+                # Row r's slots hold its examples, each at its own label-word prediction.
+                pos = b["choice_pos"][r][slots[r]]
+                assert len(pos) == len(set(b["segment_ids"][r][b["segment_ids"][r] > 0]))
+                assert len(set(pos)) == len(pos) and (b["segment_ids"][r][pos] > 0).all()
+                np.testing.assert_array_equal(
+                    b["input_ids"][r][pos + 1], choices[b["label"][r][slots[r]]]
+                )
+                np.testing.assert_array_equal(
+                    b["segment_ids"][r][pos], b["segment_ids"][r][pos + 1]
+                )
             pieces += [p for _, _, p in segments(b)]
         # Every example exactly once.
         assert sorted(pieces) == sorted(tuple(e["input_ids"]) for e in examples)

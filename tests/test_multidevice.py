@@ -1,8 +1,8 @@
 """Sharded training equals one-device training: for `full`, `lora` and `prefix` on four
 8-device meshes, the 3 step losses and the trained params match the one-device
 run; every param, frozen param and optimizer moment keeps the sharding the rules
-give; batches split over data x fsdp. Gradient accumulation equals one step on
-the concatenated batch.
+give; batches split over data x fsdp; packed label-word eval sums match too. Gradient
+accumulation equals one step on the concatenated batch.
 
 The 8 fake CPU devices live in one subprocess (tests/multidevice_check.py): the
 device count is fixed when jax starts, and this process has started it already.
@@ -163,3 +163,15 @@ def test_batch_is_split(results, mesh):
         f"batch of 7 rows is not divisible by the data axes of the mesh "
         f"({data * fsdp} = data x fsdp); change data.batch_size or config.mesh"
     )
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_packed_label_word_eval_matches_one_device(results, mesh):
+    """Packed eval rows keep their example slots beside them: the sums match one device,
+    and on a data-only mesh nothing is gathered across devices."""
+    got, want = results["eval"][mesh], results["eval"]["1,1,1"]
+    assert want["sums"]["tokens"] == 40
+    for name, value in want["sums"].items():
+        np.testing.assert_allclose(got["sums"][name], value, err_msg=name, **TOL)
+    if mesh == "8,1,1":
+        assert not got["all_gather"]

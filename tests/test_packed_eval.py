@@ -22,14 +22,16 @@ CFG = dataclasses.replace(tiny_llama.CFG, rope_theta=500.0)
 CHOICES = np.array([5, 9], np.int32)  # the label words' token ids
 
 
-def examples(n: int, seed: int = 0) -> list[dict]:
-    """Prompts of 2-20 random tokens, then the label word (the only loss token)."""
+def examples(n: int, every_token: bool, seed: int = 0) -> list[dict]:
+    """Prompts of 2-20 random tokens, then the label word: the only loss token, or with
+    every_token all of them (text data with no leading special token: a packed row must
+    not score a segment's first token from the one before)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         label = int(rng.integers(2))
         ids = np.append(rng.integers(10, CFG.vocab_size, rng.integers(2, 21)), CHOICES[label])
-        loss_mask = np.zeros(len(ids), np.int32)
+        loss_mask = np.ones(len(ids), np.int32) if every_token else np.zeros(len(ids), np.int32)
         loss_mask[-1] = 1
         out.append(
             dict(
@@ -66,7 +68,9 @@ def one_per_row(model, exs, classify: bool) -> dict:
     return {"loss": nll / count, "accuracy": correct / count}
 
 
-@pytest.mark.parametrize("method,classify", [("lora", True), ("prompt", True), ("prefix", False)])
+@pytest.mark.parametrize(
+    "method,classify", [("lora", True), ("prompt", True), ("lora", False), ("prefix", False)]
+)
 def test_packed_eval_equals_one_example_per_row(method, classify):
     model = Llama(CFG, rngs=nnx.Rngs(0))
     c = default.get_config().peft
@@ -74,11 +78,14 @@ def test_packed_eval_equals_one_example_per_row(method, classify):
     if method != "lora":
         c[method].num_virtual_tokens = 3
     mask = peft.apply_method(model, c)
-    exs = examples(30)
+    exs = examples(30, every_token=not classify)
     task = Task(
         examples={"train": [], "val": exs, "test": []},
         choice_token_ids=CHOICES if classify else None,
-        stats={"max_tokens": max(len(e["input_ids"]) for e in exs)},
+        stats={
+            "min_tokens": min(len(e["input_ids"]) for e in exs),
+            "max_tokens": max(len(e["input_ids"]) for e in exs),
+        },
         pad_id=0,
         seq_len=32,
         pad_to_multiple=8,

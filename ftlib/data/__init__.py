@@ -72,6 +72,8 @@ class Task:
             seq_len=self.seq_len,
             pad_to_multiple=self.pad_to_multiple,
             row_len=self.eval_row_len(),
+            # The most examples a row can hold, whatever the split or subset: one shape.
+            slots_per_row=self.eval_row_len() // max(self.stats["min_tokens"], 1),
         )
 
     def eval_row_len(self) -> int:
@@ -105,6 +107,7 @@ def load_task(data_cfg, tokenizer) -> Task:
         **{name: len(examples[name]) for name in SPLITS},
         "truncated": truncated,
         "mean_tokens": float(lengths.mean()) if lengths.size else 0.0,
+        "min_tokens": int(lengths.min()) if lengths.size else 0,
         "max_tokens": int(lengths.max()) if lengths.size else 0,
     }
     return Task(

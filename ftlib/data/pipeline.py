@@ -2,11 +2,11 @@
 
 Every batch has input_ids, loss_mask, segment_ids (1..n per example in a row, 0 = padding)
 and positions (restarting at 0 per segment), all int32[B, T]; classification batches add
-label and choice_pos int32[B]; eval batches add weight float32[B] (0 marks filler rows),
-and pack a causal LM's examples (`eval_batches`).
+label and choice_pos int32[B]; eval batches add weight float32[B] (0 marks filler rows).
 T is seq_len, or with pad_to_multiple > 0 the batch's longest row rounded up to a multiple of
 it (capped at seq_len): short batches run faster while jit sees at most
-seq_len / pad_to_multiple distinct shapes.
+seq_len / pad_to_multiple distinct shapes. Eval batches of a causal LM pack its examples
+into rows of one length, with per-row example slots for classification (`eval_batches`).
 """
 
 import functools
@@ -148,6 +148,7 @@ def eval_batches(
     seq_len: int,
     pad_to_multiple: int,
     row_len: int = 0,
+    slots_per_row: int = 0,
 ):
     """Finite batches of every example once; the last is filled up to batch_size rows
     (`weight` 0). Callers sum metrics over examples, so their order does not matter.
@@ -155,10 +156,12 @@ def eval_batches(
     row_len = 0: one example per row, sorted by length (stable) so that each batch's
     padding stays small; for an encoder's class head, which reads one example per row.
     row_len > 0: examples packed into rows of row_len tokens (`packed_rows`), for a
-    causal LM, where segment ids keep them apart: eval cost follows the real token count,
-    and every batch has one shape. Classification batches then carry, per example slot
-    E (a multiple of batch_size), its row `example_row`, `choice_pos` within that row,
-    `label` and `example_weight` (0 = an empty slot), int32[E] / float32[E].
+    causal LM, where segment ids keep them apart: eval cost follows the real token
+    count. Classification batches then hold, per row, `slots_per_row` example slots
+    (at least the most examples any row holds): `choice_pos` (where the example's label
+    word is predicted, within the row), `label` and `example_weight` (0 = an empty
+    slot), int32 / float32[B, slots_per_row], so that each row's examples stay with it
+    on a mesh.
     """
     if not row_len:
         examples = sorted(examples, key=lambda e: len(e["input_ids"]))
@@ -173,13 +176,11 @@ def eval_batches(
             )
         return
     rows = packed_rows(np.array([len(e["input_ids"]) for e in examples]), row_len)
-    # Row j of every batch_size: each batch gets rows of long and of short examples
-    # alike, so the example counts per batch (hence E) stay even.
-    n_batches = -(-len(rows) // batch_size)
-    batches = [rows[j::n_batches] for j in range(n_batches)]
-    most = max((sum(len(r) for r in b) for b in batches), default=0)
-    slots = -(-most // batch_size) * batch_size
-    for batch_rows in batches:
+    classify = bool(examples) and "label" in examples[0]
+    if classify and max(len(r) for r in rows) > slots_per_row:
+        raise ValueError(f"a row holds {max(len(r) for r in rows)} examples: {slots_per_row=}")
+    for start in range(0, len(rows), batch_size):
+        batch_rows = rows[start : start + batch_size]
         batch = collate(
             [_segments_row([examples[i] for i in r]) for r in batch_rows],
             pad_id=pad_id,
@@ -187,8 +188,8 @@ def eval_batches(
             pad_to_multiple=0,
             fill_to=batch_size,
         )
-        if "label" in examples[0]:
-            batch.update(_example_slots(examples, batch_rows, slots))
+        if classify:
+            batch.update(_example_slots(examples, batch_rows, batch_size, slots_per_row))
         yield batch
 
 
@@ -230,19 +231,16 @@ def _segments_row(examples: list[dict]) -> dict:
     }
 
 
-def _example_slots(examples: list[dict], batch_rows: list[list[int]], slots: int) -> dict:
-    """Per example of a packed batch (then empty slots up to `slots`): its row, the
-    position of its label's prediction in that row, its label and weight."""
-    out = {k: np.zeros(slots, np.int32) for k in ("example_row", "choice_pos", "label")}
-    out["example_weight"] = np.zeros(slots, np.float32)
-    e = 0
+def _example_slots(examples, batch_rows: list[list[int]], rows: int, slots: int) -> dict:
+    """Per row of a packed batch, its examples in slots (then empty ones): where each
+    one's label word is predicted in the row, its label and weight, each [rows, slots]."""
+    out = {k: np.zeros((rows, slots), np.int32) for k in ("choice_pos", "label")}
+    out["example_weight"] = np.zeros((rows, slots), np.float32)
     for r, row in enumerate(batch_rows):
         offset = 0
-        for i in row:
-            out["example_row"][e] = r
-            out["choice_pos"][e] = offset + examples[i]["choice_pos"]
-            out["label"][e] = examples[i]["label"]
-            out["example_weight"][e] = 1.0
+        for k, i in enumerate(row):
+            out["choice_pos"][r, k] = offset + examples[i]["choice_pos"]
+            out["label"][r, k] = examples[i]["label"]
+            out["example_weight"][r, k] = 1.0
             offset += len(examples[i]["input_ids"])
-            e += 1
     return out
