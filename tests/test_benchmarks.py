@@ -269,7 +269,7 @@ def test_eval_time_sorted_layout_gives_each_row_its_own_slot():
          "label": n % 2, "choice_pos": n - 2}
         for n in (5, 3, 9, 4, 7)
     ]  # fmt: skip
-    task = Task({"train": [], "val": [], "test": exs}, np.array([1, 2]), {"min_tokens": 3, "max_tokens": 9},
+    task = Task({"train": [], "val": [], "test": exs}, np.array([1, 2]), {"max_tokens": 9},
                 pad_id=0, seq_len=16, pad_to_multiple=4, pack=False, shuffle_seed=0)  # fmt: skip
     batches = eval_time.sorted_batches(task, 4)
     assert [b["input_ids"].shape for b in batches] == [(4, 8), (4, 12)]

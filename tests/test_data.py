@@ -223,6 +223,17 @@ def test_classification_truncation_keeps_template_frame(tok, tmp_path):
     assert toks == ["<bos>", "Review", ":"] + ["good"] * 6 + ["Sentiment", ":", "positive"]
 
 
+def test_classification_needs_a_prompt_token_before_the_label(tmp_path):
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + WORDS)}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()  # no BOS: an empty text is no token
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
+    rows = reviews(5) + [{"text": "", "label": "positive"}]
+    cfg = make_cfg(prompt_template="{text}", path=write_jsonl(tmp_path / "d.jsonl", rows))
+    with pytest.raises(DataError, match=r"record \d+: no prompt token before its label word"):
+        load_task(cfg, no_bos)
+
+
 def test_sequence_classification_frames_text_and_truncates_inside(tmp_path):
     # A BERT-like tokenizer: <bos> plays [CLS] and <eos> plays [SEP].
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + WORDS)}
@@ -463,6 +474,9 @@ def test_eval_batches_pack_a_causal_lm(tok, tmp_path):
     row_len = task.eval_row_len()
     assert row_len % 4 == 0 and row_len - 4 < task.stats["max_tokens"] <= row_len
     choices = task.choice_token_ids
+    # Slots per row: as many as the shortest val or test example allows (not train's).
+    shortest = min(len(e["input_ids"]) for s in ("val", "test") for e in task.examples[s])
+    assert task.eval_slots_per_row("val") == task.eval_slots_per_row("test") == row_len // shortest
     for split in ("val", "test"):
         examples = task.examples[split]
         batches = list(task.eval_batches(split, 4))
@@ -473,7 +487,7 @@ def test_eval_batches_pack_a_causal_lm(tok, tmp_path):
         for b in batches:
             check_rows(b, tok.pad_token_id)
             slots = b["example_weight"] > 0
-            assert slots.shape == (4, task.eval_row_len() // task.stats["min_tokens"])
+            assert slots.shape == (4, row_len // shortest)
             assert not b["segment_ids"][b["weight"] == 0].any()
             for r in range(4):
                 # Row r's slots hold its examples, each at its own label-word prediction.

@@ -72,9 +72,15 @@ class Task:
             seq_len=self.seq_len,
             pad_to_multiple=self.pad_to_multiple,
             row_len=self.eval_row_len(),
-            # The most examples a row can hold, whatever the split or subset: one shape.
-            slots_per_row=self.eval_row_len() // max(self.stats["min_tokens"], 1),
+            slots_per_row=self.eval_slots_per_row(split),
         )
+
+    def eval_slots_per_row(self, split: str) -> int:
+        """The most examples a packed row of `split` (or of any subset) can hold: the row
+        length // the shortest example of val, test and `split`, so that val and test
+        share one batch shape. Each slot costs a full-vocab logits row."""
+        lengths = [len(e["input_ids"]) for s in {"val", "test", split} for e in self.examples[s]]
+        return self.eval_row_len() // max(min(lengths, default=1), 1)
 
     def eval_row_len(self) -> int:
         """Tokens per packed eval row: the longest example of any split rounded up to
@@ -107,7 +113,6 @@ def load_task(data_cfg, tokenizer) -> Task:
         **{name: len(examples[name]) for name in SPLITS},
         "truncated": truncated,
         "mean_tokens": float(lengths.mean()) if lengths.size else 0.0,
-        "min_tokens": int(lengths.min()) if lengths.size else 0,
         "max_tokens": int(lengths.max()) if lengths.size else 0,
     }
     return Task(

@@ -2,7 +2,8 @@
 
 Every batch has input_ids, loss_mask, segment_ids (1..n per example in a row, 0 = padding)
 and positions (restarting at 0 per segment), all int32[B, T]; classification batches add
-label and choice_pos int32[B]; eval batches add weight float32[B] (0 marks filler rows).
+label and choice_pos int32[B] (packed eval batches: per-row slots, [B, K], with
+example_weight); eval batches add weight float32[B] (0 marks filler rows).
 T is seq_len, or with pad_to_multiple > 0 the batch's longest row rounded up to a multiple of
 it (capped at seq_len): short batches run faster while jit sees at most
 seq_len / pad_to_multiple distinct shapes. Eval batches of a causal LM pack its examples

@@ -174,7 +174,12 @@ def _encode_classification(records, data_cfg, tokenizer):
         [[int(choices[y])] for y in labels],
         [{"label": y} for y in labels],
     )
-    for ex in examples:  # The last prompt token's logits score the label words.
+    for i, ex in enumerate(examples):  # The last prompt token's logits score the label words.
+        if len(ex["input_ids"]) < 2:
+            raise DataError(
+                f"record {i}: no prompt token before its label word (an empty text with "
+                f"data.prompt_template={data_cfg.prompt_template!r} and no BOS token)"
+            )
         ex["choice_pos"] = len(ex["input_ids"]) - 2
     return examples, truncated
 
