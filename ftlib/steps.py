@@ -50,10 +50,10 @@ def next_token_sums(model, h_BTD, batch, row_weight_B=None, max_targets: int = 0
     """Sums of masked next-token NLL, correct predictions and target count.
 
     Position t predicts input_ids[t+1], weighted by loss_mask[t+1] where both lie in
-    one segment (a row's last position, and a packed segment's, have no target). With max_targets > 0 only the first
-    max_targets target positions of each row go through the LM head (the caller
-    guarantees no row has more): for short completions such as class labels this
-    skips almost all of the [B,T,V] logits. A plain LM head is fused with the loss
+    one segment (a row's last position, and a packed segment's, have no target). With
+    max_targets > 0 only the first max_targets target positions of each row go through
+    the LM head (the caller guarantees no row has more): for short completions such as
+    class labels this skips almost all of the [B,T,V] logits. A plain LM head is fused with the loss
     (ftlib.linear_cross_entropy), so the logits never exist whole.
     """
     last = ((0, 0), (0, 1))
@@ -165,8 +165,8 @@ def make_eval_step(graphdef, choice_token_ids=None, objective: str = "causal_lm"
 
     sequence_classification: the head's cross-entropy and accuracy (class_sums).
     Label-word classification (choice_token_ids given; rows packed with per-row
-    example slots, data.pipeline.eval_batches): the next-token distribution at each example's
-    `choice_pos` scores each label word; `nll` is the gold label word's NLL.
+    example slots, data.pipeline.eval_batches): the next-token distribution at each
+    example's `choice_pos` scores each label word; `nll` is the gold label word's NLL.
     Otherwise: masked next-token NLL / accuracy over all completion tokens."""
     _check_objective(objective)
 

@@ -156,15 +156,7 @@ def eval_report(mesh_shape):
         steps.make_eval_step(graphdef, EVAL_CHOICES),
         in_shardings=(params_sh, frozen_sh, sharding.batch_sharding(mesh)),
     )
-    rng = np.random.default_rng(0)
-    examples = []
-    for _ in range(40):
-        label = int(rng.integers(2))
-        ids = np.append(rng.integers(10, CFG.vocab_size, rng.integers(2, 12)), EVAL_CHOICES[label])
-        examples.append(
-            dict(input_ids=ids.astype(np.int32), loss_mask=np.zeros(len(ids), np.int32),
-                 label=label, choice_pos=len(ids) - 2)
-        )  # fmt: skip
+    examples = tiny_llama.label_word_examples(40, EVAL_CHOICES, longest_prompt=11)
     batches = [
         sharding.put_batch(b, mesh)
         for b in pipeline.eval_batches(

@@ -22,28 +22,6 @@ CFG = dataclasses.replace(tiny_llama.CFG, rope_theta=500.0)
 CHOICES = np.array([5, 9], np.int32)  # the label words' token ids
 
 
-def examples(n: int, every_token: bool, seed: int = 0) -> list[dict]:
-    """Prompts of 2-20 random tokens, then the label word: the only loss token, or with
-    every_token all of them (text data with no leading special token: a packed row must
-    not score a segment's first token from the one before)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        label = int(rng.integers(2))
-        ids = np.append(rng.integers(10, CFG.vocab_size, rng.integers(2, 21)), CHOICES[label])
-        loss_mask = np.ones(len(ids), np.int32) if every_token else np.zeros(len(ids), np.int32)
-        loss_mask[-1] = 1
-        out.append(
-            dict(
-                input_ids=ids.astype(np.int32),
-                loss_mask=loss_mask,
-                label=label,
-                choice_pos=len(ids) - 2,
-            )
-        )
-    return out
-
-
 def one_per_row(model, exs, classify: bool) -> dict:
     """The metrics from the model run on one example per row (right-padded, causal: the
     padding changes nothing before it)."""
@@ -78,7 +56,7 @@ def test_packed_eval_equals_one_example_per_row(method, classify):
     if method != "lora":
         c[method].num_virtual_tokens = 3
     mask = peft.apply_method(model, c)
-    exs = examples(30, every_token=not classify)
+    exs = tiny_llama.label_word_examples(30, CHOICES, every_token=not classify)
     task = Task(
         examples={"train": [], "val": exs, "test": []},
         choice_token_ids=CHOICES if classify else None,

@@ -27,3 +27,20 @@ def batch(seed=0, cfg=CFG, B=4, T=16):
         segment_ids=np.ones_like(ids),
         positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
     )
+
+
+def label_word_examples(n, choices, *, longest_prompt=20, every_token=False, seed=0, cfg=CFG):
+    """n label-word classification examples as ftlib.data.tokenize makes them: a prompt
+    of 2..longest_prompt random tokens, then the label word (choices[label]), the only
+    loss token, or with every_token all of them (text data with no leading special
+    token: a packed row must not score a segment's first token from the one before)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        prompt = rng.integers(10, cfg.vocab_size, rng.integers(2, longest_prompt + 1))
+        ids = np.append(prompt, choices[label]).astype(np.int32)
+        loss_mask = np.full(len(ids), int(every_token), np.int32)
+        loss_mask[-1] = 1
+        out.append(dict(input_ids=ids, loss_mask=loss_mask, label=label, choice_pos=len(ids) - 2))
+    return out

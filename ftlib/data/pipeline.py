@@ -178,8 +178,9 @@ def eval_batches(
         return
     rows = packed_rows(np.array([len(e["input_ids"]) for e in examples]), row_len)
     classify = bool(examples) and "label" in examples[0]
-    if classify and max(len(r) for r in rows) > slots_per_row:
-        raise ValueError(f"a row holds {max(len(r) for r in rows)} examples: {slots_per_row=}")
+    most = max((len(r) for r in rows), default=0)
+    if classify and most > slots_per_row:
+        raise ValueError(f"a row holds {most} examples: {slots_per_row=}")
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start : start + batch_size]
         batch = collate(
