@@ -134,8 +134,9 @@ def get_config(arg=None):
     c.data.label_words = ("negative", "positive")  # class i -> completion ' ' + label_words[i]
     c.data.seq_len = 128  # max tokens per row
     # Train batches pad to their longest row rounded up to this; eval packs examples into
-    # rows of the longest example rounded up to it (0 = seq_len for both).
-    c.data.pad_to_multiple = 16
+    # rows of the longest example rounded up to it (0 = seq_len for both). Each new length
+    # compiles once; 8 here pads train batches 1.14x (16: 1.26x), ~5% faster steps.
+    c.data.pad_to_multiple = 8
     c.data.pack = False  # pack several examples per row (text / prompt_completion)
     c.data.group_by_length = (
         16  # batch similar lengths within windows of this many batches (0 = off)
