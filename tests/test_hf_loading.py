@@ -396,28 +396,61 @@ def test_real_smollm2_gguf():
     assert (tok.eos_token, tok.pad_token_id) == ("<|im_end|>", 2)
 
 
+def test_gguf_metadata_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
+    """Entries of files that are gone would pile up: beyond _CACHE_ENTRIES, the least
+    recently used go (a read counts as a use)."""
+    from ftlib.hf import gguf as ftlib_gguf
+
+    monkeypatch.setenv("FTLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ftlib_gguf, "_CACHE_ENTRIES", 2)
+    folder = tmp_path / "cache" / "gguf-metadata"
+
+    def load(name):
+        path = tmp_path / f"{name}.gguf"
+        if not path.exists():
+            write_llama_gguf(path, random_hf_llama(tied=True))
+        ftlib_gguf._metadata.cache_clear()
+        before = set(folder.glob("*.json"))
+        load_gguf(path, weights=False)
+        return (set(folder.glob("*.json")) - before) or None
+
+    [a], [b] = load("a"), load("b")
+    os.utime(a, (100, 100))
+    os.utime(b, (200, 200))
+    assert load("a") is None and a.stat().st_mtime > 200  # read from the cache: used now
+    [c] = load("c")
+    assert set(folder.glob("*.json")) == {a, c}  # b was the least recently used
+    ftlib_gguf._metadata.cache_clear()
+
+
 def test_gguf_metadata_cached_across_processes(tmp_path, monkeypatch):
-    """A tokenizer-only load parses the file once; later processes (lru_cache cleared
-    here) read the JSON copy. A corrupt copy is parsed again and rewritten."""
+    """A load parses the file once; later processes (lru_cache cleared here) read the
+    JSON copy, weights at its saved offsets. A corrupt copy is parsed again and rewritten."""
     from ftlib.hf import gguf as ftlib_gguf
 
     monkeypatch.setenv("FTLIB_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tiny.gguf"
-    write_llama_gguf(path, random_hf_llama(tied=True))
+    expected = write_llama_gguf(path, random_hf_llama(tied=False))
     ftlib_gguf._metadata.cache_clear()
-    first = load_gguf(path, weights=False)
+    first = load_gguf(path)
     [saved] = (tmp_path / "cache" / "gguf-metadata").glob("*.json")
 
     def no_parse(path):
         raise AssertionError("parsed the file again")
 
-    ftlib_gguf._metadata.cache_clear()
-    with monkeypatch.context() as m:
-        m.setattr(ftlib_gguf, "_reader", no_parse)
-        second = load_gguf(path, weights=False)
-    assert second.hf_config == first.hf_config
-    text = "Hé pos 12!"
-    assert second.tokenizer.encode(text) == first.tokenizer.encode(text)
+    for weights in (False, True):
+        ftlib_gguf._metadata.cache_clear()
+        with monkeypatch.context() as m:
+            m.setattr(ftlib_gguf, "_reader", no_parse)
+            second = load_gguf(path, weights=weights)
+        assert second.hf_config == first.hf_config
+        text = "Hé pos 12!"
+        assert second.tokenizer.encode(text) == first.tokenizer.encode(text)
+    # Quantized (Q8_0) and float tensors, read at the saved offsets, as the reader read them.
+    assert second.tensors.keys() == first.tensors.keys() == expected.keys()
+    for name, x in first.tensors.items():
+        np.testing.assert_array_equal(second.tensors[name], x, err_msg=name)
+        assert second.tensors[name].dtype == np.float32
     saved.write_text("{not json")
     ftlib_gguf._metadata.cache_clear()
     assert load_gguf(path, weights=False).hf_config == first.hf_config

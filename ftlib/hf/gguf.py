@@ -5,6 +5,8 @@ tensor names, the row order of Q and K (permuted for interleaved RoPE), and a to
 as raw vocabulary metadata rather than a `tokenizer.json`.
 """
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -38,6 +40,9 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Cache entries of an older layout (tensor names only) get other keys and are not read.
+_CACHE_FORMAT = "v2"
+_CACHE_ENTRIES = 16  # entries kept, the most recently used
 _TOKEN_TYPE_CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: <|im_start|>, <|endoftext|>, ...
 
 # How llama.cpp splits text before BPE, by `tokenizer.ggml.pre`; the merges were learned on
@@ -74,29 +79,46 @@ def load_gguf(path, weights: bool = True) -> PretrainedSource:
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
-    if weights:
-        reader = _reader(path)
-        meta, tensor_names = _fields(reader), {t.name for t in reader.tensors}
-    else:
-        stat = path.stat()
-        meta, tensor_names = _metadata(str(path.absolute()), stat.st_mtime_ns, stat.st_size)
+    stat = path.stat()
+    meta, layouts = _metadata(str(path.absolute()), stat.st_mtime_ns, stat.st_size)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise unsupported(arch, f"GGUF file {path}")
-    config = _config(meta, tensor_names)
+    config = _config(meta, {t.name for t in layouts})
     tensors = {}
-    for t in reader.tensors if weights else ():
-        # The reader's array already has numpy (row-major) order, the reverse of GGUF's `shape`,
-        # which is exactly HF's [out, in] for Linear weights and [V, D] for the embedding.
-        # np.array copies, so no tensor keeps the memory-mapped file open.
-        weight = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        name = _hf_name(t.name, path)
-        if name.endswith("q_proj.weight"):
-            weight = unpermute_rope_rows(weight, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
-        tensors[name] = weight
+    if weights:
+        raw = np.memmap(path, np.uint8, mode="r")
+        for t in layouts:
+            # Numpy (row-major) order, the reverse of GGUF's `shape`: exactly HF's
+            # [out, in] for Linear weights and [V, D] for the embedding. np.array copies,
+            # so no tensor keeps the memory-mapped file open.
+            weight = np.array(gguf.quants.dequantize(t.data(raw), t.type), dtype=np.float32)
+            name = _hf_name(t.name, path)
+            if name.endswith("q_proj.weight"):
+                weight = unpermute_rope_rows(weight, config["num_attention_heads"])
+            elif name.endswith("k_proj.weight"):
+                weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
+            tensors[name] = weight
     return PretrainedSource(hf_config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where one tensor's stored (possibly quantized) data lies in the file, as the
+    reader found it: byte offset, numpy dtype and shape (quantized blocks are uint8 rows)."""
+
+    name: str
+    type: int  # gguf.GGMLQuantizationType
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def data(self, raw: np.ndarray) -> np.ndarray:
+        dtype = np.dtype(self.dtype)
+        n_bytes = int(np.prod(self.shape)) * dtype.itemsize
+        if self.offset + n_bytes > raw.size:
+            raise CheckpointError(f"GGUF tensor {self.name} lies past the end of the file")
+        return raw[self.offset : self.offset + n_bytes].view(dtype).reshape(self.shape)
 
 
 def _reader(path) -> gguf.GGUFReader:
@@ -106,34 +128,44 @@ def _reader(path) -> gguf.GGUFReader:
         raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def _fields(reader: gguf.GGUFReader) -> dict:
-    return {name: field.contents() for name, field in reader.fields.items()}
-
-
 @functools.lru_cache(maxsize=4)
-def _metadata(path: str, mtime_ns: int, size: int) -> tuple[dict, frozenset]:
-    """Metadata and tensor names of an unchanged file, parsed once per process and
-    kept as JSON under ftlib.assets.cache_dir() across processes: the reader takes ~5 s
-    over a 49k-token vocabulary, and random-init runs (configs/tiny.py), sweeps and
-    tests load only the tokenizer, each in a fresh process. Callers must not mutate
+def _metadata(path: str, mtime_ns: int, size: int) -> tuple[dict, tuple[_Layout, ...]]:
+    """Metadata and tensor layouts of an unchanged file, parsed once per process and
+    kept as JSON under ftlib.assets.cache_dir() across processes: the reader takes 2-5 s
+    over a 49k-token vocabulary, and every run, sweep and test loads the file in a fresh
+    process (the weights are then read at the saved offsets). Callers must not mutate
     the returned dict."""
-    key = hashlib.sha256(f"{path}|{mtime_ns}|{size}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{_CACHE_FORMAT}|{path}|{mtime_ns}|{size}".encode()).hexdigest()[:32]
     cached = cache_dir() / "gguf-metadata" / f"{key}.json"
     try:
         saved = json.loads(cached.read_text())
-        return saved["meta"], frozenset(saved["tensors"])
-    except (OSError, ValueError, KeyError):
+        layouts = tuple(_Layout(*t[:4], tuple(t[4])) for t in saved["tensors"])
+        with contextlib.suppress(OSError):
+            cached.touch()  # recently used: the last entry pruned (below)
+        return saved["meta"], layouts
+    except (OSError, ValueError, KeyError, TypeError):
         pass  # no usable cache entry: parse the file
     reader = _reader(path)
-    meta, tensors = _fields(reader), frozenset(t.name for t in reader.tensors)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    layouts = tuple(
+        _Layout(t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str, t.data.shape)
+        for t in reader.tensors
+    )
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"meta": meta, "tensors": sorted(tensors)}))
+        tmp.write_text(
+            json.dumps({"meta": meta, "tensors": [dataclasses.astuple(t) for t in layouts]})
+        )
         tmp.replace(cached)  # atomic: a concurrent reader sees all of it or nothing
+        # Entries of files that are gone (a test's temporary files) would stay forever:
+        # keep the most recently used.
+        entries = sorted(cached.parent.glob("*.json"), key=lambda e: -e.stat().st_mtime)
+        for stale in entries[_CACHE_ENTRIES:]:
+            stale.unlink(missing_ok=True)
     except (OSError, TypeError, ValueError):
         pass  # a read-only cache, or metadata JSON cannot hold: parse again next time
-    return meta, tensors
+    return meta, layouts
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
