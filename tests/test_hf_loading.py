@@ -396,57 +396,63 @@ def test_real_smollm2_gguf():
     assert (tok.eos_token, tok.pad_token_id) == ("<|im_end|>", 2)
 
 
-def test_gguf_metadata_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def gguf_cache(tmp_path, monkeypatch):
+    """GGUF metadata entries in a folder of the test's own, so that the temporary files
+    here do not push the real checkpoints' entries out of the user's cache."""
+    from ftlib.hf import gguf as ftlib_gguf
+
+    monkeypatch.setattr(ftlib_gguf, "cache_dir", lambda: tmp_path / "cache")
+    ftlib_gguf._metadata.cache_clear()
+    yield tmp_path / "cache" / "gguf-metadata"
+    ftlib_gguf._metadata.cache_clear()
+
+
+def _no_parse(path):
+    raise AssertionError("parsed the file again")
+
+
+def test_gguf_metadata_cache_keeps_the_most_recently_used(tmp_path, monkeypatch, gguf_cache):
     """Entries of files that are gone would pile up: beyond _CACHE_ENTRIES, the least
     recently used go (a read counts as a use)."""
     from ftlib.hf import gguf as ftlib_gguf
 
-    monkeypatch.setenv("FTLIB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ftlib_gguf, "_CACHE_ENTRIES", 2)
-    folder = tmp_path / "cache" / "gguf-metadata"
 
     def load(name):
         path = tmp_path / f"{name}.gguf"
         if not path.exists():
             write_llama_gguf(path, random_hf_llama(tied=True))
         ftlib_gguf._metadata.cache_clear()
-        before = set(folder.glob("*.json"))
+        before = set(gguf_cache.glob("*.json"))
         load_gguf(path, weights=False)
-        return (set(folder.glob("*.json")) - before) or None
+        return (set(gguf_cache.glob("*.json")) - before) or None
 
     [a], [b] = load("a"), load("b")
     os.utime(a, (100, 100))
     os.utime(b, (200, 200))
     assert load("a") is None and a.stat().st_mtime > 200  # read from the cache: used now
     [c] = load("c")
-    assert set(folder.glob("*.json")) == {a, c}  # b was the least recently used
-    ftlib_gguf._metadata.cache_clear()
+    assert set(gguf_cache.iterdir()) == {a, c}  # b was the least recently used
 
 
-def test_gguf_metadata_cached_across_processes(tmp_path, monkeypatch):
+def test_gguf_metadata_cached_across_processes(tmp_path, monkeypatch, gguf_cache):
     """A load parses the file once; later processes (lru_cache cleared here) read the
     JSON copy, weights at its saved offsets. A corrupt copy is parsed again and rewritten."""
     from ftlib.hf import gguf as ftlib_gguf
 
-    monkeypatch.setenv("FTLIB_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tiny.gguf"
     expected = write_llama_gguf(path, random_hf_llama(tied=False))
-    ftlib_gguf._metadata.cache_clear()
     first = load_gguf(path)
-    [saved] = (tmp_path / "cache" / "gguf-metadata").glob("*.json")
-
-    def no_parse(path):
-        raise AssertionError("parsed the file again")
-
+    [saved] = gguf_cache.glob("*.json")
     for weights in (False, True):
         ftlib_gguf._metadata.cache_clear()
         with monkeypatch.context() as m:
-            m.setattr(ftlib_gguf, "_reader", no_parse)
+            m.setattr(ftlib_gguf, "_reader", _no_parse)
             second = load_gguf(path, weights=weights)
         assert second.hf_config == first.hf_config
         text = "Hé pos 12!"
         assert second.tokenizer.encode(text) == first.tokenizer.encode(text)
-    # Quantized (Q8_0) and float tensors, read at the saved offsets, as the reader read them.
     assert second.tensors.keys() == first.tensors.keys() == expected.keys()
     for name, x in first.tensors.items():
         np.testing.assert_array_equal(second.tensors[name], x, err_msg=name)
@@ -455,4 +461,59 @@ def test_gguf_metadata_cached_across_processes(tmp_path, monkeypatch):
     ftlib_gguf._metadata.cache_clear()
     assert load_gguf(path, weights=False).hf_config == first.hf_config
     assert json.loads(saved.read_text())["meta"]
+
+
+@pytest.mark.parametrize("endian", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
+def test_gguf_layouts_read_the_readers_tensors(tmp_path, endian):
+    """Each tensor read at its saved layout (after a JSON round trip) is the reader's
+    array, for float and quantized types in both byte orders; floats come back native."""
+    from ftlib.hf import gguf as ftlib_gguf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 256)).astype(np.float32)
+    q = gguf.GGMLQuantizationType
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(path, "llama", endianess=endian)
+    w.add_tensor("f32", x)
+    w.add_tensor("f16", x.astype(np.float16))
+    for t in (q.BF16, q.Q8_0, q.Q4_1):
+        w.add_tensor(t.name.lower(), gguf.quants.quantize(x, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    st = path.stat()
+    _, layouts = ftlib_gguf._metadata(str(path), st.st_size, st.st_mtime_ns, 0, 0)
     ftlib_gguf._metadata.cache_clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ftlib_gguf, "_reader", _no_parse)
+        _, saved = ftlib_gguf._metadata(str(path), st.st_size, st.st_mtime_ns, 0, 0)
+    assert saved == layouts
+    raw = np.memmap(path, np.uint8, mode="r")
+    for layout, t in zip(saved, gguf.GGUFReader(path).tensors, strict=True):
+        data = layout.data(raw)
+        assert data.dtype.isnative and data.shape == t.data.shape, t.name
+        np.testing.assert_array_equal(data, t.data, err_msg=t.name)
+        deq = gguf.quants.dequantize(data, layout.type).astype(np.float32)
+        tol = {"f32": 0, "f16": 1e-3, "bf16": 1e-2}.get(t.name, 0.3)
+        np.testing.assert_allclose(deq, x, atol=tol, err_msg=t.name)
+
+
+def test_gguf_metadata_entry_of_a_changed_file_is_not_used(tmp_path, monkeypatch, gguf_cache):
+    """An entry is keyed by the file's size, times and inode, and checked against the
+    header's hash: a file rewritten with its old size and mtime (`cp -p`) is parsed again."""
+    from ftlib.hf import gguf as ftlib_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, random_hf_llama(tied=True))
+    st = path.stat()
+    first = ftlib_gguf._metadata(str(path), st.st_size, st.st_mtime_ns, 0, 0)
+    data = bytearray(path.read_bytes())
+    data[100:104] = b"ZZZZ"  # inside the metadata
+    path.write_bytes(bytes(data))
+    ftlib_gguf._metadata.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(ftlib_gguf, "_reader", _no_parse)
+        with pytest.raises(AssertionError, match="parsed the file again"):
+            ftlib_gguf._metadata(str(path), st.st_size, st.st_mtime_ns, 0, 0)
+    assert first[1]  # the entry had layouts; the changed header made it unusable

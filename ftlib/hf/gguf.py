@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import tempfile
 
 import gguf
 import numpy as np
@@ -79,27 +80,39 @@ def load_gguf(path, weights: bool = True) -> PretrainedSource:
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
-    stat = path.stat()
-    meta, layouts = _metadata(str(path.absolute()), stat.st_mtime_ns, stat.st_size)
+    st = path.stat()
+    meta, layouts = _metadata(
+        str(path.absolute()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+    )
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise unsupported(arch, f"GGUF file {path}")
     config = _config(meta, {t.name for t in layouts})
     tensors = {}
-    if weights:
-        raw = np.memmap(path, np.uint8, mode="r")
-        for t in layouts:
-            # Numpy (row-major) order, the reverse of GGUF's `shape`: exactly HF's
-            # [out, in] for Linear weights and [V, D] for the embedding. np.array copies,
-            # so no tensor keeps the memory-mapped file open.
-            weight = np.array(gguf.quants.dequantize(t.data(raw), t.type), dtype=np.float32)
-            name = _hf_name(t.name, path)
-            if name.endswith("q_proj.weight"):
-                weight = unpermute_rope_rows(weight, config["num_attention_heads"])
-            elif name.endswith("k_proj.weight"):
-                weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
-            tensors[name] = weight
+    raw = _mapped(path, st.st_size) if weights else None
+    for t in layouts if weights else ():
+        # Numpy (row-major) order, the reverse of GGUF's `shape`: exactly HF's [out, in]
+        # for Linear weights and [V, D] for the embedding. np.array copies, so no tensor
+        # keeps the memory-mapped file open.
+        weight = np.array(gguf.quants.dequantize(t.data(raw), t.type), dtype=np.float32)
+        name = _hf_name(t.name, path)
+        if name.endswith("q_proj.weight"):
+            weight = unpermute_rope_rows(weight, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
+        tensors[name] = weight
     return PretrainedSource(hf_config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
+
+
+def _mapped(path: pathlib.Path, size: int) -> np.ndarray:
+    """The file's bytes, memory-mapped; it must still have the size its layout was read at."""
+    try:
+        raw = np.memmap(path, np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"GGUF file {path} cannot be read: {e}") from None
+    if raw.size != size:
+        raise CheckpointError(f"GGUF file {path} changed while it was loaded; load it again")
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +123,20 @@ class _Layout:
     name: str
     type: int  # gguf.GGMLQuantizationType
     offset: int
-    dtype: str
+    dtype: str  # with its byte order: a big-endian file's floats are '>f4'
     shape: tuple[int, ...]
 
     def data(self, raw: np.ndarray) -> np.ndarray:
         dtype = np.dtype(self.dtype)
-        n_bytes = int(np.prod(self.shape)) * dtype.itemsize
-        if self.offset + n_bytes > raw.size:
-            raise CheckpointError(f"GGUF tensor {self.name} lies past the end of the file")
-        return raw[self.offset : self.offset + n_bytes].view(dtype).reshape(self.shape)
+        end = self.offset + int(np.prod(self.shape)) * dtype.itemsize
+        if end > raw.size:  # only a damaged cache entry gets here: the header hash matched
+            raise CheckpointError(
+                f"GGUF tensor {self.name} lies past the end of the file: delete "
+                f"{cache_dir() / 'gguf-metadata'} and load it again"
+            )
+        data = raw[self.offset : end]
+        # gguf's dequantize views floats as native ones: convert a big-endian file's.
+        return data.view(dtype).reshape(self.shape).astype(dtype.newbyteorder("="), copy=False)
 
 
 def _reader(path) -> gguf.GGUFReader:
@@ -129,20 +147,26 @@ def _reader(path) -> gguf.GGUFReader:
 
 
 @functools.lru_cache(maxsize=4)
-def _metadata(path: str, mtime_ns: int, size: int) -> tuple[dict, tuple[_Layout, ...]]:
-    """Metadata and tensor layouts of an unchanged file, parsed once per process and
-    kept as JSON under ftlib.assets.cache_dir() across processes: the reader takes 2-5 s
-    over a 49k-token vocabulary, and every run, sweep and test loads the file in a fresh
-    process (the weights are then read at the saved offsets). Callers must not mutate
-    the returned dict."""
-    key = hashlib.sha256(f"{_CACHE_FORMAT}|{path}|{mtime_ns}|{size}".encode()).hexdigest()[:32]
-    cached = cache_dir() / "gguf-metadata" / f"{key}.json"
+def _metadata(path: str, *stat: int) -> tuple[dict, tuple[_Layout, ...]]:
+    """Metadata and tensor layouts of an unchanged file (`stat`: size, mtime, ctime,
+    inode), parsed once per process and kept as JSON under ftlib.assets.cache_dir()
+    across processes: the reader takes 2-5 s over a 49k-token vocabulary, and every run,
+    sweep and test loads the file in a fresh process. A saved entry is used only if the
+    file's header (metadata and tensor offsets) still hashes the same. Callers must not
+    mutate the returned dict."""
+    folder = cache_dir() / "gguf-metadata"
+    key = "|".join(map(str, (_CACHE_FORMAT, path, *stat)))
+    cached = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
     try:
         saved = json.loads(cached.read_text())
-        layouts = tuple(_Layout(*t[:4], tuple(t[4])) for t in saved["tensors"])
-        with contextlib.suppress(OSError):
-            cached.touch()  # recently used: the last entry pruned (below)
-        return saved["meta"], layouts
+        layouts = tuple(
+            _Layout(str(n), int(t), int(o), np.dtype(d).str, tuple(map(int, s)))
+            for n, t, o, d, s in saved["tensors"]
+        )
+        if saved["header_sha256"] == _header_sha256(path, layouts):
+            with contextlib.suppress(OSError):
+                os.utime(cached)  # recently used: pruned last (_prune)
+            return saved["meta"], layouts
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no usable cache entry: parse the file
     reader = _reader(path)
@@ -151,21 +175,38 @@ def _metadata(path: str, mtime_ns: int, size: int) -> tuple[dict, tuple[_Layout,
         _Layout(t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str, t.data.shape)
         for t in reader.tensors
     )
+    entry = {
+        "meta": meta,
+        "tensors": [dataclasses.astuple(t) for t in layouts],
+        "header_sha256": _header_sha256(path, layouts),
+    }
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(
-            json.dumps({"meta": meta, "tensors": [dataclasses.astuple(t) for t in layouts]})
-        )
-        tmp.replace(cached)  # atomic: a concurrent reader sees all of it or nothing
-        # Entries of files that are gone (a test's temporary files) would stay forever:
-        # keep the most recently used.
-        entries = sorted(cached.parent.glob("*.json"), key=lambda e: -e.stat().st_mtime)
-        for stale in entries[_CACHE_ENTRIES:]:
-            stale.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, cached)  # atomic: a concurrent reader sees all of it or nothing
+        _prune(folder)
     except (OSError, TypeError, ValueError):
         pass  # a read-only cache, or metadata JSON cannot hold: parse again next time
     return meta, layouts
+
+
+def _header_sha256(path: str, layouts) -> str:
+    """Hash of the bytes before the first tensor: the metadata and every tensor's offset."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(min((t.offset for t in layouts), default=0))).hexdigest()
+
+
+def _prune(folder: pathlib.Path) -> None:
+    """Keeps the _CACHE_ENTRIES most recently used files: entries of files that are gone
+    (a test's temporary files) and leftovers of interrupted writes would stay forever."""
+    used = []
+    for entry in folder.iterdir():
+        with contextlib.suppress(OSError):  # another process may have removed it
+            used.append((entry.stat().st_mtime, entry))
+    for _, entry in sorted(used, reverse=True)[_CACHE_ENTRIES:]:
+        entry.unlink(missing_ok=True)
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
