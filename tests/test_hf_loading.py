@@ -21,6 +21,19 @@ from ftlib.hf import (
 )
 from ftlib.hf.gguf import unpermute_rope_rows
 
+
+@pytest.fixture(autouse=True)
+def gguf_cache(tmp_path, monkeypatch):
+    """GGUF metadata entries in a folder of the test's own, so that the temporary files
+    here do not push the real checkpoints' entries out of the user's cache."""
+    from ftlib.hf import gguf as ftlib_gguf
+
+    monkeypatch.setattr(ftlib_gguf, "cache_dir", lambda: tmp_path / "cache")
+    ftlib_gguf._metadata.cache_clear()
+    yield tmp_path / "cache" / "gguf-metadata"
+    ftlib_gguf._metadata.cache_clear()
+
+
 CFG = dict(
     vocab=None, hidden=32, ffn=64, layers=2, heads=4, kv_heads=2, theta=1e5, eps=1e-5, ctx=128
 )
@@ -394,18 +407,6 @@ def test_real_smollm2_gguf():
     assert tok.encode(" positive") == [2731] and tok.encode(" negative") == [3524]
     assert tok.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
     assert (tok.eos_token, tok.pad_token_id) == ("<|im_end|>", 2)
-
-
-@pytest.fixture(autouse=True)
-def gguf_cache(tmp_path, monkeypatch):
-    """GGUF metadata entries in a folder of the test's own, so that the temporary files
-    here do not push the real checkpoints' entries out of the user's cache."""
-    from ftlib.hf import gguf as ftlib_gguf
-
-    monkeypatch.setattr(ftlib_gguf, "cache_dir", lambda: tmp_path / "cache")
-    ftlib_gguf._metadata.cache_clear()
-    yield tmp_path / "cache" / "gguf-metadata"
-    ftlib_gguf._metadata.cache_clear()
 
 
 def _no_parse(path):

@@ -88,9 +88,21 @@ def load_gguf(path, weights: bool = True) -> PretrainedSource:
     if arch != "llama":
         raise unsupported(arch, f"GGUF file {path}")
     config = _config(meta, {t.name for t in layouts})
+    tensors = _dequantized(path, st.st_size, layouts, config) if weights else {}
+    return PretrainedSource(hf_config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
+
+
+def _dequantized(path: pathlib.Path, size: int, layouts, config: dict) -> dict:
+    """Every tensor as float32 under its HF name, read at its layout from the memory-mapped
+    file, which must still have the size its layouts were read at."""
+    try:
+        raw = np.memmap(path, np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"GGUF file {path} cannot be read: {e}") from None
+    if raw.size != size:
+        raise CheckpointError(f"GGUF file {path} changed while it was loaded; load it again")
     tensors = {}
-    raw = _mapped(path, st.st_size) if weights else None
-    for t in layouts if weights else ():
+    for t in layouts:
         # Numpy (row-major) order, the reverse of GGUF's `shape`: exactly HF's [out, in]
         # for Linear weights and [V, D] for the embedding. np.array copies, so no tensor
         # keeps the memory-mapped file open.
@@ -101,18 +113,7 @@ def load_gguf(path, weights: bool = True) -> PretrainedSource:
         elif name.endswith("k_proj.weight"):
             weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
         tensors[name] = weight
-    return PretrainedSource(hf_config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
-
-
-def _mapped(path: pathlib.Path, size: int) -> np.ndarray:
-    """The file's bytes, memory-mapped; it must still have the size its layout was read at."""
-    try:
-        raw = np.memmap(path, np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"GGUF file {path} cannot be read: {e}") from None
-    if raw.size != size:
-        raise CheckpointError(f"GGUF file {path} changed while it was loaded; load it again")
-    return raw
+    return tensors
 
 
 @dataclasses.dataclass(frozen=True)
